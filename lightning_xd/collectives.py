@@ -1,0 +1,62 @@
+"""Lightning's collective hooks (reduce, all_gather, broadcast, barrier) over a Communicator.
+
+Without an initialised ``torch.distributed``, Lightning's defaults silently return the local
+value, so ``self.log(..., sync_dist=True)`` and torchmetrics would report one rank's share of the
+data. Every MPI strategy mixes this in and points ``self.comm`` at its communicator.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_xd.comm import Communicator
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of every rank's copy of our slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, comm: Communicator) -> Tensor:
+        ctx.comm = comm
+        return comm.allgather(tensor.detach().contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        summed = ctx.comm.allreduce(grad.contiguous().clone(), "sum")
+        return summed[ctx.comm.rank], None
+
+
+def attach_metric_sync(module: nn.Module, comm: Communicator) -> None:
+    """Make every torchmetrics Metric in ``module`` gather its state over ``comm`` on compute()."""
+    from torchmetrics import Metric
+
+    for metric in module.modules():
+        if isinstance(metric, Metric):
+            metric.dist_sync_fn = lambda tensor, group=None: comm.allgather_varying(tensor)
+            metric.distributed_available_fn = lambda: comm.size > 1
+
+
+class MPICollectives:
+    """Mixin for a Lightning strategy with a ``comm`` attribute."""
+
+    comm: Communicator
+
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        """Reduce over all ranks. Accepts "mean"/"sum"/"max"/"min" and torch's ReduceOp (Lightning passes both)."""
+        if not isinstance(tensor, Tensor):
+            tensor = torch.tensor(tensor, device=self.root_device)
+        return self.comm.allreduce(tensor.detach().clone(), reduce_op or "mean")
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        """Stack every rank's ``tensor`` (same shape on each) along a new first dimension."""
+        if sync_grads:
+            return _AllGatherWithGrad.apply(tensor, self.comm)
+        return self.comm.allgather(tensor.detach().contiguous())
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return self.comm.broadcast_object(obj, root=src)
+
+    def barrier(self, name: Optional[str] = None) -> None:
+        self.comm.barrier()

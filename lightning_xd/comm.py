@@ -1,0 +1,276 @@
+"""The one thin layer over mpi4py: torch tensors in and out of MPI buffers.
+
+Every strategy talks MPI through a :class:`Communicator`, never through mpi4py directly, so
+buffers, dtypes, devices and non-blocking handles are handled in one place.
+
+Contiguous CPU tensors are handed to MPI as zero-copy views of their memory (uppercase,
+buffer-based mpi4py calls). Anything else (non-contiguous, CUDA, half precision in a
+reduction) is staged through a contiguous CPU copy that is written back when the operation
+finishes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import mpi4py
+import torch
+from torch import Tensor
+
+# Join MPI on first use, not on import: the process that starts mpirun must never join MPI itself
+# (it would hand its own MPI environment down to the job it launches).
+mpi4py.rc(initialize=False, finalize=True, thread_level="multiple")
+from mpi4py import MPI  # noqa: E402
+
+ANY_SOURCE = MPI.ANY_SOURCE
+ANY_TAG = MPI.ANY_TAG
+
+_MPI_TYPES = {
+    torch.float32: MPI.FLOAT,
+    torch.float64: MPI.DOUBLE,
+    torch.int8: MPI.INT8_T,
+    torch.uint8: MPI.UINT8_T,
+    torch.int16: MPI.INT16_T,
+    torch.int32: MPI.INT32_T,
+    torch.int64: MPI.INT64_T,
+    torch.bool: MPI.C_BOOL,
+    torch.complex64: MPI.C_FLOAT_COMPLEX,
+    torch.complex128: MPI.C_DOUBLE_COMPLEX,
+    # MPI has no 16-bit float type: moved as raw 16-bit words, reduced in float32.
+    torch.float16: MPI.INT16_T,
+    torch.bfloat16: MPI.INT16_T,
+}
+_NO_MPI_ARITHMETIC = (torch.float16, torch.bfloat16, torch.bool)
+
+_MPI_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "avg": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN,
+            "prod": MPI.PROD, "product": MPI.PROD, "band": MPI.BAND, "bor": MPI.BOR,
+            "bxor": MPI.BXOR}
+
+ReduceOpLike = Union[str, Any]  # "sum" | "mean" | torch.distributed.ReduceOp.SUM | ...
+
+
+def op_name(op: ReduceOpLike) -> str:
+    """Normalise "mean", "AVG", torch's ReduceOp.SUM ... to a lowercase name."""
+    name = (op if isinstance(op, str) else str(op).rsplit(".", 1)[-1]).lower()
+    if name not in _MPI_OPS:
+        raise ValueError(f"unsupported reduce op {op!r}; use one of {sorted(_MPI_OPS)}")
+    return "mean" if name == "avg" else name
+
+
+def _buffer(tensor: Tensor) -> list:
+    """A zero-copy MPI buffer spec over a contiguous CPU tensor."""
+    nbytes = tensor.numel() * tensor.element_size()
+    mpi_type = _MPI_TYPES.get(tensor.dtype)
+    if mpi_type is None:
+        raise TypeError(f"dtype {tensor.dtype} cannot be sent through MPI")
+    count = nbytes // mpi_type.Get_size()
+    return [MPI.buffer.fromaddress(tensor.data_ptr(), nbytes), count, mpi_type]
+
+
+class _Staged:
+    """A contiguous CPU tensor MPI can use in place of ``tensor``, copied back on finish()."""
+
+    def __init__(self, tensor: Tensor, for_reduction: bool = False, copy_in: bool = True):
+        self.target = tensor
+        needs_upcast = for_reduction and tensor.dtype in _NO_MPI_ARITHMETIC
+        direct = tensor.device.type == "cpu" and tensor.is_contiguous() and not needs_upcast
+        if direct:
+            self.work = tensor
+        else:
+            dtype = (torch.int32 if tensor.dtype == torch.bool else torch.float32) if needs_upcast else tensor.dtype
+            self.work = (tensor.detach().to("cpu", dtype) if copy_in
+                         else torch.empty(tensor.shape, dtype=dtype)).contiguous()
+        self.direct = direct
+
+    def buffer(self) -> list:
+        return _buffer(self.work)
+
+    def finish(self) -> Tensor:
+        if not self.direct:
+            with torch.no_grad():
+                self.target.copy_(self.work.to(self.target.dtype) if self.target.dtype == torch.bool
+                                  else self.work)
+        return self.target
+
+
+class Handle:
+    """A non-blocking operation in flight. ``wait()`` completes it and returns its result."""
+
+    def __init__(self, request: MPI.Request, finish: Callable[[], Any], keepalive: Any = None):
+        self._request = request
+        self._finish = finish
+        self._keepalive = keepalive  # buffers MPI is still reading or writing
+        self._result: Any = None
+        self._done = False
+
+    def test(self) -> bool:
+        """Progress the operation; True once it has completed (wait() then returns at once)."""
+        return self._done or bool(self._request.Test())
+
+    def wait(self) -> Any:
+        if not self._done:
+            self._request.Wait()
+            self._result = self._finish()
+            self._done = True
+            self._keepalive = None
+        return self._result
+
+
+class Communicator:
+    """Torch tensors over one MPI communicator (the whole job's by default)."""
+
+    def __init__(self, mpi_comm: Optional[MPI.Comm] = None):
+        self.mpi = mpi_comm if mpi_comm is not None else world().mpi
+        self._local: Optional[Communicator] = None
+
+    # ---- who is here -----------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.mpi.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.mpi.Get_size()
+
+    def split(self, color: int, key: Optional[int] = None) -> "Communicator":
+        """Sub-communicator of the ranks that pass the same ``color`` (ordered by ``key``)."""
+        return Communicator(self.mpi.Split(color, self.rank if key is None else key))
+
+    def local(self) -> "Communicator":
+        """Sub-communicator of the ranks on this host (shared memory); made once, on first call."""
+        if self._local is None:
+            self._local = Communicator(self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank))
+        return self._local
+
+    def barrier(self) -> None:
+        self.mpi.Barrier()
+
+    # ---- collectives on tensors --------------------------------------------------------
+    def allreduce(self, tensor: Tensor, op: ReduceOpLike = "sum") -> Tensor:
+        """Reduce ``tensor`` over all ranks; in place where the dtype allows, result returned."""
+        return self.iallreduce(tensor, op).wait() if self.size > 1 else self._local_reduce(tensor, op)
+
+    def iallreduce(self, tensor: Tensor, op: ReduceOpLike = "sum") -> Handle:
+        name = op_name(op)
+        if tensor.is_sparse:
+            raise TypeError("sparse tensors are reduced with allreduce_sparse()")
+        staged = _Staged(tensor, for_reduction=True)
+        request = self.mpi.Iallreduce(MPI.IN_PLACE, staged.buffer(), _MPI_OPS[name])
+        size = self.size
+
+        def finish() -> Tensor:
+            result = staged.finish()
+            return self._mean(result, size) if name == "mean" else result
+
+        return Handle(request, finish, staged)
+
+    def _local_reduce(self, tensor: Tensor, op: ReduceOpLike) -> Tensor:
+        op_name(op)  # validate even when there is nothing to reduce
+        return tensor
+
+    @staticmethod
+    def _mean(total: Tensor, size: int) -> Tensor:
+        if total.is_floating_point() or total.is_complex():
+            return total.div_(size)
+        return total.double() / size
+
+    def broadcast(self, tensor: Tensor, root: int = 0) -> Tensor:
+        """Overwrite ``tensor`` on every rank with root's values."""
+        return self.ibroadcast(tensor, root).wait() if self.size > 1 else tensor
+
+    def ibroadcast(self, tensor: Tensor, root: int = 0) -> Handle:
+        staged = _Staged(tensor, copy_in=self.rank == root)
+        request = self.mpi.Ibcast(staged.buffer(), root=root)
+        return Handle(request, staged.finish, staged)
+
+    def allgather(self, tensor: Tensor) -> Tensor:
+        """Stack every rank's ``tensor`` (same shape everywhere) into shape (size, *shape)."""
+        return self.iallgather(tensor).wait()
+
+    def iallgather(self, tensor: Tensor) -> Handle:
+        send = _Staged(tensor)
+        out = torch.empty((self.size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        recv = _Staged(out, copy_in=False)
+        buf, count, mpi_type = recv.buffer()
+        request = self.mpi.Iallgather(send.buffer(), [buf, count // self.size, mpi_type])
+        return Handle(request, recv.finish, (send, recv))
+
+    def allgather_varying(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor``, where the first dimension may differ between ranks."""
+        counts = self.allgather_object(int(tensor.shape[0]) if tensor.dim() else 1)
+        row = tensor.shape[1:] if tensor.dim() else ()
+        row_numel = int(torch.Size(row).numel())
+        send = _Staged(tensor.reshape(-1) if tensor.dim() else tensor.reshape(1))
+        out = torch.empty((sum(counts) * row_numel,), dtype=tensor.dtype, device=tensor.device)
+        recv = _Staged(out, copy_in=False)
+        words = _MPI_TYPES[tensor.dtype].Get_size()
+        per_item = row_numel * tensor.element_size() // words
+        sizes = [c * per_item for c in counts]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        buf, _, mpi_type = recv.buffer()
+        self.mpi.Allgatherv(send.buffer(), [buf, sizes, offsets, mpi_type])
+        flat = recv.finish()
+        parts = torch.split(flat, [c * row_numel for c in counts])
+        if not tensor.dim():
+            return [p.reshape(()) for p in parts]
+        return [p.reshape(c, *row) for p, c in zip(parts, counts)]
+
+    def allreduce_sparse(self, tensor: Tensor, op: ReduceOpLike = "sum") -> Tensor:
+        """Sum (or average) sparse COO tensors by gathering indices and values: never densified."""
+        name = op_name(op)
+        if name not in ("sum", "mean"):
+            raise ValueError(f"sparse tensors support sum and mean, not {name!r}")
+        local = tensor.coalesce()
+        if self.size == 1:
+            return local
+        indices = torch.cat(self.allgather_varying(local.indices().t().contiguous())).t()
+        values = torch.cat(self.allgather_varying(local.values().contiguous()))
+        if name == "mean":
+            values = values / self.size
+        return torch.sparse_coo_tensor(indices, values, local.shape, device=tensor.device).coalesce()
+
+    # ---- point to point ----------------------------------------------------------------
+    def send(self, tensor: Tensor, dest: int, tag: int = 0) -> None:
+        self.mpi.Send(_Staged(tensor).buffer(), dest=dest, tag=tag)
+
+    def isend(self, tensor: Tensor, dest: int, tag: int = 0) -> Handle:
+        staged = _Staged(tensor)
+        request = self.mpi.Isend(staged.buffer(), dest=dest, tag=tag)
+        return Handle(request, lambda: tensor, staged)
+
+    def recv(self, tensor: Tensor, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> MPI.Status:
+        """Receive into ``tensor``; the returned status says who sent it, with which tag."""
+        staged = _Staged(tensor, copy_in=False)
+        status = MPI.Status()
+        self.mpi.Recv(staged.buffer(), source=source, tag=tag, status=status)
+        staged.finish()
+        return status
+
+    def irecv(self, tensor: Tensor, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Handle:
+        staged = _Staged(tensor, copy_in=False)
+        request = self.mpi.Irecv(staged.buffer(), source=source, tag=tag)
+        return Handle(request, staged.finish, staged)
+
+    # ---- small Python objects (pickled) ------------------------------------------------
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        return self.mpi.bcast(obj, root=root)
+
+    def allgather_object(self, obj: Any) -> list:
+        return self.mpi.allgather(obj)
+
+
+def wait_all(handles: list[Handle]) -> list:
+    """Complete every handle, in order, and return their results."""
+    return [h.wait() for h in handles]
+
+
+_world: Optional[Communicator] = None
+
+
+def world() -> Communicator:
+    """The communicator of every process in this job (MPI starts on first use)."""
+    global _world
+    if _world is None:
+        if not MPI.Is_initialized():
+            MPI.Init_thread(MPI.THREAD_MULTIPLE)
+        _world = Communicator(MPI.COMM_WORLD)
+    return _world

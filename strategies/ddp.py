@@ -1,0 +1,22 @@
+"""Lightning's own DDPStrategy over gloo (``--strategy ddp``): the baseline the MPI strategies are
+measured against. Ranks, hosts and the rendezvous address come from the MPI job."""
+from lightning.pytorch.strategies import DDPStrategy
+
+from lightning_xd.comm import world
+from lightning_xd.environment import MPIEnvironment, device_for
+from lightning_xd.errors import UserError
+from lightning_xd.registry import STRATEGIES
+
+
+@STRATEGIES.register("ddp")
+def lightning_ddp() -> DDPStrategy:
+    env = MPIEnvironment(world())
+    if env.world_size() != env.num_nodes * env.local_size or env.global_rank() != (
+            env.node_rank() * env.local_size + env.local_rank()):
+        raise UserError("ddp needs the same number of processes on every host, numbered host by host; "
+                        "give every host the same slots in the hostfile")
+    devices = [device_for(i) for i in range(env.local_size)]
+    strategy = DDPStrategy(parallel_devices=devices, cluster_environment=env,
+                           process_group_backend="nccl" if devices[0].type == "cuda" else "gloo")
+    strategy.num_nodes = env.num_nodes
+    return strategy

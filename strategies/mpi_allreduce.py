@@ -1,0 +1,104 @@
+"""Synchronous data parallelism over MPI (``--strategy mpi``).
+
+Every rank holds the whole model and its own shard of the data. At setup rank 0's parameters
+and buffers are broadcast; during backward each gradient bucket starts a non-blocking allreduce
+as soon as it is complete; after backward we wait for the buckets and average, so every rank
+takes the same optimizer step. Lightning's reduce / all_gather / broadcast / barrier run over
+MPI, so logged and torchmetrics epoch metrics cover the whole dataset on every rank.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lightning_xd.collectives import MPICollectives, attach_metric_sync
+from lightning_xd.comm import Communicator, wait_all, world
+from lightning_xd.environment import MPIEnvironment, device_for
+from lightning_xd.gradient_buckets import GradientBuckets
+from lightning_xd.registry import STRATEGIES
+
+
+@STRATEGIES.register("mpi")
+class MPIAllReduceStrategy(MPICollectives, ParallelStrategy):
+    """Bucketed, overlapped gradient allreduce; the MPI counterpart of Lightning's DDP."""
+
+    strategy_name = "mpi"
+
+    def __init__(self, bucket_size_mb: float = 25.0, comm: Optional[Communicator] = None, **kwargs: Any):
+        self.comm = comm if comm is not None else world()
+        environment = MPIEnvironment(self.comm)
+        super().__init__(parallel_devices=[device_for(environment.local_rank())],
+                         cluster_environment=environment, **kwargs)
+        self.bucket_size_mb = bucket_size_mb
+        self.gradients: Optional[GradientBuckets] = None
+
+    @property
+    def root_device(self) -> torch.device:
+        return self.parallel_devices[0]
+
+    @property
+    def is_distributed(self) -> bool:
+        return True  # makes Lightning shard the training data with a DistributedSampler
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        rank_zero_only.rank = fabric_rank_zero_only.rank = self.global_rank
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)  # device, precision, optimizers
+        self.broadcast_module_state(src=0)
+        attach_metric_sync(self.model, self.comm)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.gradients = GradientBuckets(self.model, self.comm, self.bucket_size_mb)
+
+    def model_to_device(self) -> None:
+        self.model.to(self.root_device)
+
+    def broadcast_module_state(self, src: int = 0) -> None:
+        """Give every rank ``src``'s parameters and buffers."""
+        tensors = [t for t in self.model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)]
+        with torch.no_grad():
+            wait_all([self.comm.ibroadcast(t.data, root=src) for t in tensors])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # As DDP's broadcast_buffers: running statistics (BatchNorm) follow rank 0.
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        with torch.no_grad():
+            wait_all([self.comm.ibroadcast(b, root=0) for b in buffers])
+
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        """Wait for the gradient buckets and average: every rank now holds the same gradients."""
+        if self.gradients is not None:
+            self.gradients.synchronize()
+
+    @contextmanager
+    def block_backward_sync(self):
+        """No gradient exchange while gradients accumulate over several batches."""
+        if self.gradients is None:
+            yield
+            return
+        self.gradients.enabled = False
+        try:
+            yield
+        finally:
+            self.gradients.enabled = True
+
+    def teardown(self) -> None:
+        if self.gradients is not None:
+            self.gradients.remove()
+            self.gradients = None
+        super().teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="synchronous MPI allreduce")

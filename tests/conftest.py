@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny generated datasets and helpers that run train.py or scripts under mpirun."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from generators.planetoid import write_planetoid_cora  # noqa: E402
+
+
+def _env(tmp: Path, extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(XD_CACHE_DIR=str(tmp / "cache"), XD_DOWNLOAD="0", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A data dir laid out like ../shared/data, with small generated files."""
+    root = tmp_path_factory.mktemp("data")
+    write_planetoid_cora(root)
+    return root
+
+
+@pytest.fixture
+def train(tmp_path):
+    """Run ``python train.py ARGS`` in a subprocess; returns the CompletedProcess."""
+
+    def run(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(REPO / "train.py"), *args]
+        return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path, env), capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def mpirun(tmp_path):
+    """Run ``python -m mpi4py SCRIPT ARGS`` on ``n`` ranks; fails the test on a non-zero exit."""
+    from lightning_xd.launcher import mpirun_command, mpirun_environment
+
+    def run(n: int, script: str, *args: str, timeout: float = 180, mpirun_args=(),
+            check: bool = True) -> subprocess.CompletedProcess:
+        cmd = mpirun_command(n, [str(REPO / "tests" / "mpi_scripts" / script), *args], mpirun_args=mpirun_args)
+        if n > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
+            cmd.insert(1, "--oversubscribe")
+        env = {**mpirun_environment(), **_env(tmp_path)}
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            pytest.fail(f"mpirun exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                        f"--- stderr\n{proc.stderr[-4000:]}")
+        return proc
+
+    return run

@@ -1,0 +1,1 @@
+"""Writers of small datasets in the real on-disk formats, so tests exercise the real loaders."""

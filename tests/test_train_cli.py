@@ -1,0 +1,93 @@
+"""train.py end to end (generated Cora in Planetoid format) and its one-line errors."""
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train as train_script
+from lightning_xd.cli import parse_args
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("strategy", ["single", "mpi"])
+def test_fast_dev_run_in_process(train, tiny_data, tmp_path, strategy):
+    proc = train("--model", "gcn", "--strategy", strategy, "--fast-dev-run", "--data-dir", str(tiny_data),
+                 "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = _metrics(tmp_path / "run")
+    assert metrics["world_size"] == 1 and metrics["strategy"] == strategy and 0 <= metrics["test/acc"] <= 1
+
+
+@pytest.mark.parametrize("strategy", ["mpi", "ddp"])
+def test_two_processes_train_log_and_test(train, tiny_data, tmp_path, strategy):
+    """--nprocs 2 starts mpirun itself; the run learns, logs to TensorBoard and writes metrics.json."""
+    run_dir = tmp_path / "run"
+    proc = train("--model", "gcn", "--strategy", strategy, "--nprocs", "2", "--max-epochs", "30",
+                 "--data-dir", str(tiny_data), "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = _metrics(run_dir)
+    assert metrics["world_size"] == 2 and metrics["epochs"] == 30 and metrics["global_step"] == 30
+    assert metrics["test/acc"] >= 0.8, metrics  # the generated classes are visible in the features
+    assert metrics["samples_per_s"] > 0 and metrics["epoch_time_s_mean"] > 0
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))  # fit, then test
+    assert len({e.name.split(".")[-2] for e in events}) == 1, "only rank 0 writes TensorBoard logs"
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/loss", "val/acc", "test/acc", "perf/samples_per_s"} <= set(tags)
+    assert proc.stdout.count("Test metric") == 1, "only rank 0 prints"
+
+
+def _one_line_error(capsys, *argv):
+    code = train_script.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("flag, name", [("--model", "resnet9000"), ("--data", "mnist"), ("--strategy", "magic")])
+def test_unknown_names(capsys, flag, name):
+    args = {"--model": "gcn", flag: name}
+    err = _one_line_error(capsys, *[x for kv in args.items() for x in kv])
+    assert f"unknown {flag[2:]} {name!r}" in err and "valid" in err
+
+
+def test_missing_data_names_the_files(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XD_DOWNLOAD", "0")
+    err = _one_line_error(capsys, "--model", "gcn", "--data-dir", str(tmp_path / "empty"),
+                          "--cache-dir", str(tmp_path / "cache"))
+    assert "ind.cora.x" in err and "planetoid_raw" in err
+
+
+def test_corrupt_data_file(capsys, tiny_data, tmp_path):
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(tiny_data, broken)
+    (broken / "cora" / "planetoid_raw" / "ind.cora.allx").write_bytes(b"not a pickle")
+    err = _one_line_error(capsys, "--model", "gcn", "--data-dir", str(broken), "--cache-dir", str(tmp_path / "c"))
+    assert "could not be read" in err
+
+
+def test_impossible_world_size(capsys):
+    err = _one_line_error(capsys, "--model", "gcn", "--strategy", "single", "--nprocs", "2")
+    assert "at most 1" in err
+    err = _one_line_error(capsys, "--model", "gcn", "--nprocs", "0")
+    assert "at least 1" in err
+
+
+def test_exit_code_of_the_script(train):
+    proc = train("--model", "nope")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+
+
+def test_config_file_and_command_line_precedence(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: gcn\nmax-epochs: 7\nlr: 0.5\n")
+    args = parse_args(["--config", str(config), "--lr", "0.1"])
+    assert (args.model, args.max_epochs, args.lr) == ("gcn", 7, 0.1)
+    config.write_text("modle: gcn\n")
+    err = _one_line_error(capsys, "--config", str(config))
+    assert "unknown keys ['modle']" in err

@@ -1,0 +1,71 @@
+"""A small model and dataset for exact strategy-equivalence tests.
+
+The model mixes a dense MLP with a sparse embedding (``nn.Embedding(sparse=True)``), so one run
+checks both gradient paths of a strategy. Plain SGD handles sparse gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MeanAbsoluteError
+
+from lightning_xd.data import eval_sampler
+
+NUM_IDS = 10
+
+
+def make_data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    ids = torch.randint(0, NUM_IDS, (n,), generator=g)
+    y = (x @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.1 * ids).unsqueeze(1)
+    return TensorDataset(x, ids, y)
+
+
+class TinyRegressor(LightningModule):
+    def __init__(self, lr: float = 0.1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(NUM_IDS, 2, sparse=True)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.val_mae = MeanAbsoluteError()
+        self.lr = lr
+        self.sparse_grad_seen: list[bool] = []
+
+    def forward(self, x, ids):
+        return self.net(torch.cat([x, self.embedding(ids)], dim=1))
+
+    def loss(self, batch):
+        x, ids, y = batch
+        return F.mse_loss(self(x, ids), y)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.sparse_grad_seen.append(bool(self.embedding.weight.grad.is_sparse))
+
+    def validation_step(self, batch, batch_idx):
+        x, ids, y = batch
+        self.val_mae(self(x, ids), y)
+        self.log("val/mae", self.val_mae, batch_size=len(y))
+        self.log("val/loss_sum", F.mse_loss(self(x, ids), y, reduction="sum"), reduce_fx="sum",
+                 sync_dist=True, batch_size=len(y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class TinyData(LightningDataModule):
+    def __init__(self, batch_size: int = 4, n_train: int = 32, n_val: int = 11):
+        super().__init__()
+        self.batch_size, self.train_set, self.val_set = batch_size, make_data(n_train, 1), make_data(n_val, 2)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=3, sampler=eval_sampler(self.val_set, self.trainer))
