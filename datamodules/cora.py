@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -80,11 +81,17 @@ class CoraDataModule(LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.graph is None:
-            self.graph = self._planetoid()[0]
+            graph = self._planetoid()[0]
+            # 98.7% of the bag-of-words entries are zero: a sparse matrix makes the first layer and
+            # its dropout ten times cheaper than the dense one, with the same result
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                graph.x = graph.x.to_sparse_csr()
+            self.graph = graph
 
     def model_kwargs(self) -> dict:
         self.setup()
-        return {"num_features": self.graph.num_features, "num_classes": int(self.graph.y.max()) + 1}
+        return {"num_features": self.graph.x.shape[1], "num_classes": int(self.graph.y.max()) + 1}
 
     def _nodes(self, mask: torch.Tensor) -> list:
         return mask.nonzero().view(-1).tolist()

@@ -2,6 +2,9 @@
 
 Flags with a default of None mean "the default of whatever uses it" (the model's epochs, the
 datamodule's batch size ...), so a config file or the command line only states what it changes.
+Beyond the flags below, any ``--name VALUE`` that names a constructor parameter of the chosen
+model, dataset or strategy reaches it (``--hidden-channels 64``, ``--target alpha``); ``--list``
+shows them. Names no constructor takes are refused with a one-line error.
 """
 from __future__ import annotations
 
@@ -58,20 +61,36 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         return {}
     if not isinstance(loaded, dict):
         raise UserError(f"config file {path} must be a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
-    settings = {str(k).replace("-", "_"): v for k, v in loaded.items()}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise UserError(f"config file {path} has unknown keys {unknown}; use flag names such as max_epochs")
-    return settings
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def _extra_flags(tokens: Sequence[str]) -> dict[str, Any]:
+    """``--name VALUE`` / ``--name=VALUE`` / ``--switch`` pairs that the parser does not define."""
+    extra: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) < 3:
+            raise UserError(f"unexpected argument {token!r}; flags look like --name value")
+        name, has_value, value = token[2:].partition("=")
+        if not has_value:
+            has_next = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            value = tokens[i + 1] if has_next else "true"
+            i += has_next
+        extra[name.replace("-", "_")] = value
+        i += 1
+    return extra
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parsed flags; those for a model, dataset or strategy are in ``args.extra`` (checked later)."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    if first.config:
-        parser.set_defaults(**_config_defaults(parser, first.config))
-    args = parser.parse_args(argv)
+    from_file = _config_defaults(parser, first.config) if first.config else {}
+    known = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in from_file.items() if k in known})
+    args, rest = parser.parse_known_args(argv)
+    args.extra = {**{k: v for k, v in from_file.items() if k not in known}, **_extra_flags(rest)}
     if args.nprocs < 1:
         raise UserError(f"--nprocs must be at least 1, got {args.nprocs}")
     return args
@@ -82,9 +101,14 @@ def default_run_dir(args: argparse.Namespace) -> Path:
 
 
 def registered_names() -> str:
-    from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES
+    """Every registered name with the flags its constructor takes."""
+    from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES, flags_of
 
     lines = []
     for registry in (MODELS, DATAMODULES, STRATEGIES):
-        lines.append(f"{registry.kind + ':':10} {', '.join(registry.names())}")
+        lines.append(f"{registry.kind}:")
+        for name in registry.names():
+            entry = registry.get(name)
+            defaults = "".join(f" [{k}={v}]" for k, v in entry.defaults.items())
+            lines.append(f"  {name:16}{defaults} {' '.join(flags_of(entry.build))}")
     return "\n".join(lines)

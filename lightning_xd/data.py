@@ -88,3 +88,28 @@ def download_missing(folder: Path, names: Iterable[str], base_url: str, what: st
             tmp.unlink(missing_ok=True)
             raise DataError(f"{hint} (download from {base_url} failed: {type(err).__name__})") from None
         os.replace(tmp, folder / name)
+
+
+def load_or_build(cache_file: Path, build, what: str):
+    """``torch.load(cache_file)``, or ``build()`` saved there first (atomically: never half a file)."""
+    import torch
+
+    if cache_file.is_file():
+        try:
+            return torch.load(cache_file, weights_only=False)
+        except Exception:  # a damaged cache entry is rebuilt, not trusted
+            cache_file.unlink(missing_ok=True)
+    content = build()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+    torch.save(content, tmp)
+    os.replace(tmp, cache_file)
+    return content
+
+
+def rank_shard(trainer) -> tuple[int, int]:
+    """(rank, number of shards) this process reads: for datamodules that shard data themselves."""
+    shards = trainer.distributed_sampler_kwargs if trainer is not None else None
+    if not shards:
+        return 0, 1
+    return shards.get("rank", 0), shards.get("num_replicas", 1)

@@ -54,10 +54,41 @@ class Registry:
 
 
 def accepted_settings(build: Callable, settings: dict[str, Any], exclude: dict | None = None) -> dict[str, Any]:
-    """The subset of ``settings`` that ``build`` names as parameters, without None values."""
+    """The subset of ``settings`` that ``build`` names as parameters, without None values.
+
+    Values that arrive as text (``--hidden-channels 64``) are converted to the parameter's type.
+    """
     params = inspect.signature(build).parameters
     exclude = exclude or {}
-    return {k: v for k, v in settings.items() if k in params and k not in exclude and v is not None}
+    return {k: _convert(params[k], v) for k, v in settings.items()
+            if k in params and k not in exclude and v is not None}
+
+
+def flags_of(build: Callable) -> list[str]:
+    """The ``--flag=default`` spelling of ``build``'s keyword parameters."""
+    params = inspect.signature(build).parameters.values()
+    return [f"--{p.name.replace('_', '-')}={p.default}" for p in params
+            if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
+
+
+def _convert(param: inspect.Parameter, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    kind = param.default if param.default not in (None, inspect.Parameter.empty) else None
+    annotation = str(param.annotation)
+    flag = f"--{param.name.replace('_', '-')}"
+    try:
+        if isinstance(kind, bool) or annotation.startswith("bool"):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(kind, int) or annotation.startswith("int"):
+            return int(value)
+        if isinstance(kind, float) or annotation.startswith("float"):
+            return float(value)
+    except ValueError:
+        raise UserError(f"{flag} {value!r} is not a valid {type(kind).__name__ if kind is not None else annotation}")
+    return value
 
 
 MODELS = Registry("model")

@@ -34,9 +34,22 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
                         f"{args.nprocs}; use --strategy mpi or ddp for several")
     if args.max_epochs is None:
         args.max_epochs = model.defaults.get("max_epochs", 10)
-    settings = vars(args).copy()
+    _check_extra_flags(args, [model, DATAMODULES.get(args.data), strategy])
+    settings = {**vars(args), **args.extra}
     settings["run_dir"] = str(default_run_dir(args))
     return settings
+
+
+def _check_extra_flags(args: argparse.Namespace, entries: list) -> None:
+    """Flags beyond train.py's own must name a parameter of the chosen model, data or strategy."""
+    import inspect
+
+    taken = {p for e in entries for p in inspect.signature(e.build).parameters}
+    unknown = sorted(set(args.extra) - taken)
+    if unknown:
+        names = ", ".join("--" + u.replace("_", "-") for u in unknown)
+        raise UserError(f"unknown flag(s) {names} for model {args.model}, data {args.data}, strategy "
+                        f"{args.strategy}; `python train.py --list` shows the flags each one takes")
 
 
 def check(args: argparse.Namespace) -> dict[str, Any]:

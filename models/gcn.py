@@ -1,6 +1,7 @@
 """Two-layer GCN (Kipf & Welling, ICLR 2017) for node classification on one full graph.
 
-The whole graph goes through the network at every step; the loss covers only the batch's nodes
+Features may be a sparse CSR matrix (Cora's bag of words is 98.7% zeros): the first layer's
+product and the input dropout then touch only the non-zeros. The whole graph goes through the network at every step; the loss covers only the batch's nodes
 (``batch.node_index``), so data parallelism shards the labelled nodes, not the graph.
 Reference: 81.5% test accuracy on Cora's public split (Kipf & Welling; PyG's examples/gcn.py).
 Our worked example trains it with RMSprop and cross-entropy.
@@ -16,6 +17,16 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_xd.registry import MODELS
 
 
+def feature_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout that keeps sparse (CSR) features sparse: zeros stay zero either way."""
+    if not x.is_sparse_csr:
+        return F.dropout(x, p, training)
+    if not training or p == 0:
+        return x
+    values = F.dropout(x.values(), p, True)
+    return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape, check_invariants=False)
+
+
 @MODELS.register("gcn", data="cora", max_epochs=200)
 class GCN(LightningModule):
     def __init__(self, num_features: int, num_classes: int, hidden_channels: int = 16, dropout: float = 0.5,
@@ -29,7 +40,7 @@ class GCN(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        x = F.dropout(x, self.hparams.dropout, self.training)
+        x = feature_dropout(x, self.hparams.dropout, self.training)
         x = F.relu(self.conv1(x, edge_index))
         x = F.dropout(x, self.hparams.dropout, self.training)
         return self.conv2(x, edge_index)

@@ -30,8 +30,8 @@ class MPIAllReduceStrategy(MPICollectives, ParallelStrategy):
 
     strategy_name = "mpi"
 
-    def __init__(self, bucket_size_mb: float = 25.0, comm: Optional[Communicator] = None, **kwargs: Any):
-        self.comm = comm if comm is not None else world()
+    def __init__(self, bucket_size_mb: float = 25.0, **kwargs: Any):
+        self.comm: Communicator = world()
         environment = MPIEnvironment(self.comm)
         super().__init__(parallel_devices=[device_for(environment.local_rank())],
                          cluster_environment=environment, **kwargs)

@@ -85,9 +85,20 @@ def test_exit_code_of_the_script(train):
 
 def test_config_file_and_command_line_precedence(tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text("model: gcn\nmax-epochs: 7\nlr: 0.5\n")
-    args = parse_args(["--config", str(config), "--lr", "0.1"])
+    config.write_text("model: gcn\nmax-epochs: 7\nlr: 0.5\nhidden_channels: 32\ndropout: 0.1\n")
+    args = parse_args(["--config", str(config), "--lr", "0.1", "--hidden-channels", "64"])
     assert (args.model, args.max_epochs, args.lr) == ("gcn", 7, 0.1)
-    config.write_text("modle: gcn\n")
+    assert args.extra == {"hidden_channels": "64", "dropout": 0.1}
+    config.write_text("model: gcn\nhiden_channels: 32\n")
     err = _one_line_error(capsys, "--config", str(config))
-    assert "unknown keys ['modle']" in err
+    assert "unknown flag(s) --hiden-channels" in err and "--list" in err
+
+
+def test_model_flags_reach_the_constructor_with_their_type(train, tiny_data, tmp_path):
+    proc = train("--model", "gcn", "--max-epochs", "1", "--hidden-channels", "5", "--data-dir", str(tiny_data),
+                 "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hparams = next((tmp_path / "run").rglob("hparams.yaml"))
+    assert "hidden_channels: 5\n" in hparams.read_text()
+    err = train("--model", "gcn", "--hidden-channels", "five").stderr.strip()
+    assert err == "error: --hidden-channels 'five' is not a valid int"

@@ -1,0 +1,24 @@
+"""Rich progress bars for long preparation steps (decoding images, windowing signals), shown by
+the first process only: the other ranks of a job wait at a barrier meanwhile."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+def _is_first_process() -> bool:
+    return os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0")) == "0"
+
+
+def progress(items: Iterable[T], description: str, total: Optional[int] = None) -> Iterator[T]:
+    """Iterate over ``items`` with a Rich progress bar (on the first process only)."""
+    if not _is_first_process():
+        yield from items
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        yield from bar.track(items, total=total, description=description)
