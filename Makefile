@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 NPROCS ?= 2
+# the real datasets: $XD_DATA_DIR, else ../shared/data beside the clone, else ./data
+export XD_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),./data)
 
 .PHONY: setup train test clean
 setup: $(VENV)/.installed

@@ -1,2 +1,6 @@
-"""Distribution strategies; importing this package registers every one of them by name."""
-from strategies import ddp, mpi_allreduce, single  # noqa: F401
+"""Distribution strategies, one per file; importing this package registers every one of them by name."""
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
