@@ -60,7 +60,7 @@ def accepted_settings(build: Callable, settings: dict[str, Any], exclude: dict |
     """
     params = inspect.signature(build).parameters
     exclude = exclude or {}
-    return {k: _convert(params[k], v) for k, v in settings.items()
+    return {k: convert(params[k], v) for k, v in settings.items()
             if k in params and k not in exclude and v is not None}
 
 
@@ -71,7 +71,8 @@ def flags_of(build: Callable) -> list[str]:
             if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
 
 
-def _convert(param: inspect.Parameter, value: Any) -> Any:
+def convert(param: inspect.Parameter, value: Any) -> Any:
+    """A flag's text converted to the type of the parameter it sets; one-line error if it does not fit."""
     if not isinstance(value, str):
         return value
     kind = param.default if param.default not in (None, inspect.Parameter.empty) else None

@@ -17,7 +17,7 @@ from typing import Any
 from lightning_xd.cli import default_run_dir
 from lightning_xd.launcher import in_mpi_job
 from lightning_xd.errors import UserError
-from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES
+from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES, convert
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,12 +44,15 @@ def _check_extra_flags(args: argparse.Namespace, entries: list) -> None:
     """Flags beyond train.py's own must name a parameter of the chosen model, data or strategy."""
     import inspect
 
-    taken = {p for e in entries for p in inspect.signature(e.build).parameters}
-    unknown = sorted(set(args.extra) - taken)
+    params = {}
+    for entry in reversed(entries):
+        params.update(inspect.signature(entry.build).parameters)
+    unknown = sorted(set(args.extra) - set(params))
     if unknown:
         names = ", ".join("--" + u.replace("_", "-") for u in unknown)
         raise UserError(f"unknown flag(s) {names} for model {args.model}, data {args.data}, strategy "
                         f"{args.strategy}; `python train.py --list` shows the flags each one takes")
+    args.extra = {name: convert(params[name], value) for name, value in args.extra.items()}
 
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
