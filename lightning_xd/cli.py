@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--fast-dev-run", action="store_true", help="one batch of train/val/test, no logs kept")
     how.add_argument("--bucket-size-mb", type=float, help="mpi strategy: gradient bucket size (default 25)")
     how.add_argument("--log-every-n-steps", type=int, default=10)
+    how.add_argument("--straggler-delay", metavar="RANK:SECONDS",
+                     help="sleep this long after every training step of that rank (straggler experiments)")
     files = p.add_argument_group("files")
     files.add_argument("--data-dir", default=os.environ.get("XD_DATA_DIR", "./data"),
                        help="datasets, laid out as ../shared/data ($XD_DATA_DIR)")

@@ -6,7 +6,7 @@ data. Every MPI strategy mixes this in and points ``self.comm`` at its communica
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,14 +28,15 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return summed[ctx.comm.rank], None
 
 
-def attach_metric_sync(module: nn.Module, comm: Communicator) -> None:
-    """Make every torchmetrics Metric in ``module`` gather its state over ``comm`` on compute()."""
+def attach_metric_sync(module: nn.Module, comm: Communicator, available: Callable[[], bool]) -> None:
+    """Make every torchmetrics Metric in ``module`` gather its state over ``comm`` on compute(),
+    whenever ``available()`` says the ranks can meet in a collective."""
     from torchmetrics import Metric
 
     for metric in module.modules():
         if isinstance(metric, Metric):
             metric.dist_sync_fn = lambda tensor, group=None: comm.allgather_varying(tensor)
-            metric.distributed_available_fn = lambda: comm.size > 1
+            metric.distributed_available_fn = available
 
 
 class MPICollectives:

@@ -10,6 +10,7 @@ finishes.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional, Union
 
 import mpi4py
@@ -106,8 +107,14 @@ class Handle:
         """Progress the operation; True once it has completed (wait() then returns at once)."""
         return self._done or bool(self._request.Test())
 
-    def wait(self) -> Any:
+    def wait(self, yield_cpu: bool = False) -> Any:
+        """Complete the operation. ``yield_cpu`` polls with short sleeps instead of MPI's busy
+        wait, so a process that waits long (for a server, for a slow peer) leaves its core free."""
         if not self._done:
+            pause = 0.0
+            while yield_cpu and not self._request.Test():
+                time.sleep(pause)
+                pause = min(1e-3, pause + 2e-5)
             self._request.Wait()
             self._result = self._finish()
             self._done = True
@@ -249,6 +256,13 @@ class Communicator:
         staged = _Staged(tensor, copy_in=False)
         request = self.mpi.Irecv(staged.buffer(), source=source, tag=tag)
         return Handle(request, staged.finish, staged)
+
+    def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Optional[tuple[int, int]]:
+        """(source, tag) of a message waiting to be received, or None (never blocks)."""
+        status = MPI.Status()
+        if self.mpi.Iprobe(source=source, tag=tag, status=status):
+            return status.Get_source(), status.Get_tag()
+        return None
 
     # ---- small Python objects (pickled) ------------------------------------------------
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:

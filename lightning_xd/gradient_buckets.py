@@ -11,22 +11,23 @@ are gathered from every rank and summed, so they stay sparse.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from lightning_xd.comm import Communicator, Handle
+from lightning_xd.flat import FlatLayout
 
 
 @dataclass(eq=False)
 class _Bucket:
     params: list[nn.Parameter]
+    layout: FlatLayout
     flat: Tensor
     ready: int = 0
     handle: Optional[Handle] = None
-    offsets: list[int] = field(default_factory=list)
 
 
 def _sparse_parameters(module: nn.Module) -> set[int]:
@@ -61,14 +62,8 @@ class GradientBuckets:
                 size = 0
             groups[-1].append(p)
             size += nbytes
-        buckets = []
-        for group in groups:
-            offsets = [0]
-            for p in group:
-                offsets.append(offsets[-1] + p.numel())
-            flat = torch.zeros(offsets[-1], dtype=group[0].dtype, device=group[0].device)
-            buckets.append(_Bucket(group, flat, offsets=offsets))
-        return buckets
+        layouts = [FlatLayout(group) for group in groups]
+        return [_Bucket(group, layout, layout.empty()) for group, layout in zip(groups, layouts)]
 
     def _on_gradient_ready(self, param: nn.Parameter) -> None:
         if not self.enabled or self.comm.size == 1:
@@ -82,15 +77,11 @@ class GradientBuckets:
                 other.handle.test()
 
     def _launch(self, bucket: _Bucket) -> None:
-        with torch.no_grad():
-            for p, start, end in zip(bucket.params, bucket.offsets, bucket.offsets[1:]):
-                if p.grad is None:
-                    bucket.flat[start:end].zero_()
-                elif p.grad.is_sparse:
-                    raise RuntimeError(f"a parameter of shape {tuple(p.shape)} produced a sparse gradient outside "
-                                       "nn.Embedding(sparse=True); it cannot be bucketed")
-                else:
-                    bucket.flat[start:end].copy_(p.grad.reshape(-1))
+        for p in bucket.params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"a parameter of shape {tuple(p.shape)} produced a sparse gradient outside "
+                                   "nn.Embedding(sparse=True); it cannot be bucketed")
+        bucket.layout.pack([p.grad for p in bucket.params], out=bucket.flat)
         bucket.handle = self.comm.iallreduce(bucket.flat, "sum")
 
     def synchronize(self) -> None:
@@ -104,8 +95,7 @@ class GradientBuckets:
         with torch.no_grad():
             for bucket in self.buckets:
                 flat = bucket.handle.wait().div_(size)
-                for p, start, end in zip(bucket.params, bucket.offsets, bucket.offsets[1:]):
-                    averaged = flat[start:end].view_as(p)
+                for p, averaged in zip(bucket.params, bucket.layout.slices(flat)):
                     if p.grad is None:
                         p.grad = averaged.clone()
                     else:

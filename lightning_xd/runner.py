@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from lightning.pytorch import seed_everything
 
-    from lightning_xd.callbacks import RunSummary
+    from lightning_xd.callbacks import RunSummary, StragglerDelay, parse_straggler
 
     seed_everything(args.seed, workers=True, verbose=False)
     datamodule = DATAMODULES.build(args.data, settings)
@@ -142,13 +142,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _prepare_data_once_per_host(datamodule)
     model = MODELS.build(args.model, settings, **datamodule.model_kwargs())
     summary = RunSummary()
-    trainer = build_trainer(settings, strategy, [summary])
+    callbacks = [StragglerDelay(*parse_straggler(args.straggler_delay))] if args.straggler_delay else []
+    trainer = build_trainer(settings, strategy, [*callbacks, summary])
     trainer.fit(model, datamodule=datamodule)
+    totals = summary.totals(trainer)
+    validated = trainer.validate(model, datamodule=datamodule, verbose=False)
     tested = trainer.test(model, datamodule=datamodule, verbose=trainer.is_global_zero)
     metrics = {
         "model": args.model, "data": args.data, "strategy": args.strategy, "world_size": trainer.world_size,
-        **{k: v for k, v in (tested[0] if tested else {}).items()},
-        **summary.totals,
+        **(validated[0] if validated else {}),
+        **(tested[0] if tested else {}),
+        **totals,
+        **(strategy.summary_metrics() if hasattr(strategy, "summary_metrics") else {}),
         "wall_time_s": time.perf_counter() - started,
     }
     if trainer.is_global_zero:

@@ -57,9 +57,17 @@ class MPIAllReduceStrategy(MPICollectives, ParallelStrategy):
     def setup(self, trainer) -> None:
         super().setup(trainer)  # device, precision, optimizers
         self.broadcast_module_state(src=0)
-        attach_metric_sync(self.model, self.comm)
+        attach_metric_sync(self.model, self.comm, self.metrics_can_sync)
         if trainer.state.fn == TrainerFn.FITTING:
-            self.gradients = GradientBuckets(self.model, self.comm, self.bucket_size_mb)
+            self.gradients = self.gradient_sync()
+
+    def gradient_sync(self) -> Optional[GradientBuckets]:
+        """What averages gradients after backward: the bucketed, overlapped allreduce."""
+        return GradientBuckets(self.model, self.comm, self.bucket_size_mb)
+
+    def metrics_can_sync(self) -> bool:
+        """Whether torchmetrics may gather their states over the ranks now."""
+        return self.comm.size > 1
 
     def model_to_device(self) -> None:
         self.model.to(self.root_device)

@@ -35,7 +35,7 @@ def test_two_processes_train_log_and_test(train, tiny_data, tmp_path, strategy):
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))  # fit, then test
     assert len({e.name.split(".")[-2] for e in events}) == 1, "only rank 0 writes TensorBoard logs"
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
-    assert {"train/loss", "val/acc", "test/acc", "perf/samples_per_s"} <= set(tags)
+    assert {"train/loss", "val/acc", "test/acc", "perf/rank_samples_per_s"} <= set(tags)
     assert proc.stdout.count("Test metric") == 1, "only rank 0 prints"
 
 

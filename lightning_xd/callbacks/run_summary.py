@@ -1,8 +1,9 @@
 """Training throughput and epoch times, measured the same way for every strategy.
 
-``samples_per_s`` counts the training samples of all ranks over the time spent in training
-steps (forward, backward, gradient exchange, optimizer step), so strategies are compared on
-the work they share; ``epoch_time_s_mean`` is wall-clock per epoch, validation included.
+``samples_per_s`` counts the training samples of all ranks over the slowest rank's time spent
+in training steps (forward, backward, gradient exchange, optimizer step), so strategies are
+compared on the work they share; ``updates_per_s`` is optimizer updates per second of training;
+``epoch_time_s_mean`` is wall-clock per epoch, validation included.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ class RunSummary(Callback):
         self.samples = 0
         self.step_seconds = 0.0
         self.epoch_seconds: list[float] = []
-        self.totals: dict[str, float] = {}
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
@@ -44,23 +44,29 @@ class RunSummary(Callback):
         self._epoch_samples += samples
         self._epoch_step_seconds += seconds
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
-        rate = self._global_rate(trainer, self._epoch_samples, self._epoch_step_seconds)
-        pl_module.log("perf/samples_per_s", rate, on_epoch=True, on_step=False, rank_zero_only=True)
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.totals = {
-            "samples_per_s": self._global_rate(trainer, self.samples, self.step_seconds),
+        self.train_seconds = time.perf_counter() - self._fit_start
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # This process's own rate: a collective here would make asynchronous workers wait.
+        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
+        rate = self._epoch_samples / max(self._epoch_step_seconds, 1e-9)
+        pl_module.log("perf/rank_samples_per_s", rate, on_epoch=True, on_step=False, rank_zero_only=True)
+
+    def totals(self, trainer) -> dict:
+        """Whole-job figures, once training is over (every rank must call it: it reduces)."""
+        device = trainer.strategy.root_device
+        samples = trainer.strategy.reduce(torch.tensor(float(self.samples), device=device), reduce_op="sum")
+        slowest = trainer.strategy.reduce(torch.tensor(self.step_seconds, device=device), reduce_op="max")
+        train_seconds = getattr(self, "train_seconds", 0.0)
+        return {
+            "samples_per_s": float(samples) / max(float(slowest), 1e-9),
             "epoch_time_s_mean": sum(self.epoch_seconds) / max(1, len(self.epoch_seconds)),
             "epochs": len(self.epoch_seconds),
             "global_step": trainer.global_step,
+            "train_time_s": train_seconds,
+            "updates_per_s": trainer.global_step / max(train_seconds, 1e-9),
         }
-
-    @staticmethod
-    def _global_rate(trainer, samples: int, seconds: float) -> float:
-        """All ranks' samples over the slowest rank's time: every rank must call it."""
-        device = trainer.strategy.root_device
-        total = trainer.strategy.reduce(torch.tensor(float(samples), device=device), reduce_op="sum")
-        slowest = trainer.strategy.reduce(torch.tensor(seconds, device=device), reduce_op="max")
-        return float(total) / max(float(slowest), 1e-9)

@@ -1,0 +1,269 @@
+"""A parameter server over MPI with bounded staleness (Stale Synchronous Parallel, Ho et al. 2013).
+
+Rank 0 holds the authoritative parameters and optimizer; every other rank is a worker. A worker
+pushes a gradient tagged with the version of the parameters it computed it from; the server
+applies it as soon as it arrives and answers with the latest parameters and their version.
+No worker waits for another one, only for the server's answer.
+
+Staleness of a gradient = server version when it is applied - version it was computed from.
+Before handing a worker new parameters (which starts a new gradient computation), the server
+checks that no gradient in flight could then exceed the bound ``max_staleness``: every
+computation in flight may be applied before any other one, so for each in-flight worker ``w``
+"updates applied since w pulled + other computations in flight" must stay <= S. A worker that
+would break the bound waits for its parameters until slower workers have pushed.
+
+The server also stops the run: it hands out exactly ``limit`` gradient computations, so every
+computed gradient is applied and none is dropped; then every worker is told to stop.
+
+Optional delay compensation (DC-ASGD, Zheng et al. 2017): g + lambda * g * g * (w_now - w_pulled).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_xd.comm import Communicator
+from lightning_xd.flat import FlatLayout
+
+SERVER = 0
+TAG_HEADER, TAG_PAYLOAD, TAG_REPLY, TAG_REPLY_PAYLOAD = 101, 102, 103, 104
+HELLO, GRADIENT = 0.0, 1.0
+HEADER_SIZE = 5  # kind, version computed from, batches per epoch (hello) or optimizer index, loss, spare
+
+
+class ParameterSet:
+    """The tensors workers and server exchange, in one order both sides agree on.
+
+    Pull: every parameter and floating-point buffer (running statistics follow the latest
+    push). Push: the gradients of one optimizer's parameters; sparse gradients travel as
+    (indices, values), never densified.
+    """
+
+    def __init__(self, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]):
+        self.params = [p for p in module.parameters()]
+        self.buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self.state = FlatLayout(self.params + self.buffers)
+        sparse_ids = {id(p) for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                      and m.sparse for p in m.parameters(recurse=False)}
+        self.groups = [[p for g in opt.param_groups for p in g["params"]] for opt in optimizers]
+        self.dense = [[p for p in group if id(p) not in sparse_ids] for group in self.groups]
+        self.sparse = [[p for p in group if id(p) in sparse_ids] for group in self.groups]
+        self.dense_layouts = [FlatLayout(d) if d else None for d in self.dense]
+        self.buffer_layout = FlatLayout(self.buffers) if self.buffers else None
+
+    def pack_state(self) -> Tensor:
+        return self.state.pack([t.detach() for t in self.params + self.buffers])
+
+    def load_state(self, flat: Tensor) -> None:
+        self.state.unpack(flat, [p.data for p in self.params] + self.buffers)
+
+
+@dataclass
+class Gradient:
+    worker: int
+    version: int
+    optimizer: int
+    loss: float
+    dense: Optional[Tensor]
+    sparse: list[tuple[Tensor, Tensor]]
+    buffers: Optional[Tensor]
+
+
+class WorkerClient:
+    """A worker's side of the protocol: hello, push a gradient, pull parameters."""
+
+    def __init__(self, comm: Communicator, params: ParameterSet):
+        self.comm, self.params = comm, params
+        self.version = -1
+
+    def _send_header(self, kind: float, a: float, b: float, loss: float = 0.0) -> None:
+        self.comm.send(torch.tensor([kind, a, b, loss, 0.0], dtype=torch.float64), SERVER, TAG_HEADER)
+
+    def hello(self, batches_per_epoch: int) -> bool:
+        """Announce ourselves; returns False when the server says stop instead of sending parameters."""
+        self._send_header(HELLO, -1, batches_per_epoch)
+        return self.pull()
+
+    def push(self, optimizer: int, loss: float) -> None:
+        """Send the gradients of ``optimizer``'s parameters, tagged with the version they come from."""
+        p = self.params
+        self._send_header(GRADIENT, self.version, optimizer, loss)
+        if p.dense_layouts[optimizer] is not None:
+            self.comm.send(p.dense_layouts[optimizer].pack([q.grad for q in p.dense[optimizer]]), SERVER,
+                           TAG_PAYLOAD)
+        for q in p.sparse[optimizer]:
+            grad = q.grad.coalesce() if q.grad is not None else None
+            indices = grad.indices()[0].contiguous() if grad is not None else torch.empty(0, dtype=torch.long)
+            values = grad.values().contiguous() if grad is not None else torch.empty(0, *q.shape[1:])
+            self.comm.send(torch.tensor([indices.numel()]), SERVER, TAG_PAYLOAD)
+            if indices.numel():
+                self.comm.send(indices, SERVER, TAG_PAYLOAD)
+                self.comm.send(values.to(q.dtype), SERVER, TAG_PAYLOAD)
+        if p.buffer_layout is not None:
+            self.comm.send(p.buffer_layout.pack(p.buffers), SERVER, TAG_PAYLOAD)
+
+    def pull(self) -> bool:
+        """Wait for the server's newest parameters; False when they come with the order to stop."""
+        header = torch.empty(2, dtype=torch.int64)
+        self.comm.irecv(header, SERVER, TAG_REPLY).wait(yield_cpu=True)  # the server may make us wait
+        flat = self.params.state.empty()
+        self.comm.recv(flat, SERVER, TAG_REPLY_PAYLOAD)
+        self.params.load_state(flat)
+        self.version = int(header[0])
+        return bool(header[1])
+
+
+@dataclass
+class ServerStats:
+    staleness: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    finished: Optional[float] = None
+
+    @property
+    def updates_per_s(self) -> float:
+        seconds = (self.finished or time.perf_counter()) - self.started
+        return len(self.staleness) / max(seconds, 1e-9)
+
+    def summary(self) -> dict:
+        hist = Counter(self.staleness)
+        return {"staleness_mean": sum(self.staleness) / max(1, len(self.staleness)),
+                "staleness_max": max(self.staleness, default=0),
+                "staleness_histogram": {str(k): hist[k] for k in sorted(hist)},
+                "updates": len(self.staleness), "updates_per_s": self.updates_per_s}
+
+
+class ParameterServer:
+    """The server's side: receive, apply, answer within the staleness bound, stop at the limit."""
+
+    def __init__(self, comm: Communicator, params: ParameterSet, optimizers: Sequence[torch.optim.Optimizer],
+                 max_staleness: int, delay_compensation: float = 0.0, version: int = 0,
+                 after_update: Optional[Callable[["ParameterServer", Gradient], None]] = None):
+        self.comm, self.params, self.optimizers = comm, params, list(optimizers)
+        self.max_staleness, self.delay_compensation = max_staleness, delay_compensation
+        self.version = version
+        self.after_update = after_update
+        self.workers = list(range(1, comm.size))
+        self.pulled: dict[int, int] = {}  # worker -> version of its computation in flight
+        self.sent_state: dict[int, Tensor] = {}  # worker -> parameters it computes on (delay compensation)
+        self.waiting: deque[int] = deque()
+        self.stopped: set[int] = set()
+        self.limit: Optional[int] = None
+        self.batches_per_epoch = 0
+        self.stats = ServerStats()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def serve(self, limit: Callable[[int], int]) -> ServerStats:
+        """Run until every worker has been told to stop. ``limit(batches_per_epoch)`` -> updates."""
+        for _ in self.workers:  # every worker says hello first: the epoch size is the sum of theirs
+            header, worker = self._receive_header()
+            self.batches_per_epoch += int(header[2])
+            self.waiting.append(worker)
+        self.limit = limit(self.batches_per_epoch)
+        self._answer_waiting()
+        idle = 0.0
+        while len(self.stopped) < len(self.workers):
+            if self.comm.iprobe(tag=TAG_HEADER) is None:
+                time.sleep(idle)  # an idle server must not take a core from the workers
+                idle = min(1e-3, idle + 5e-5)
+                continue
+            idle = 0.0
+            gradient = self._receive_gradient()
+            self._apply(gradient)
+            self.waiting.append(gradient.worker)
+            self._answer_waiting()
+        self.stats.finished = time.perf_counter()
+        return self.stats
+
+    # ---- receiving -------------------------------------------------------------------------
+    def _receive_header(self) -> tuple[Tensor, int]:
+        header = torch.empty(HEADER_SIZE, dtype=torch.float64)
+        status = self.comm.recv(header, tag=TAG_HEADER)
+        return header, status.Get_source()
+
+    def _receive_gradient(self) -> Gradient:
+        header, worker = self._receive_header()
+        version, optimizer, loss = int(header[1]), int(header[2]), float(header[3])
+        p = self.params
+        dense = None
+        if p.dense_layouts[optimizer] is not None:
+            dense = p.dense_layouts[optimizer].empty()
+            self.comm.recv(dense, worker, TAG_PAYLOAD)
+        sparse = []
+        for q in p.sparse[optimizer]:
+            count = torch.empty(1, dtype=torch.int64)
+            self.comm.recv(count, worker, TAG_PAYLOAD)
+            indices = torch.empty(int(count), dtype=torch.long)
+            values = torch.empty(int(count), *q.shape[1:], dtype=q.dtype)
+            if int(count):
+                self.comm.recv(indices, worker, TAG_PAYLOAD)
+                self.comm.recv(values, worker, TAG_PAYLOAD)
+            sparse.append((indices, values))
+        buffers = None
+        if p.buffer_layout is not None:
+            buffers = p.buffer_layout.empty()
+            self.comm.recv(buffers, worker, TAG_PAYLOAD)
+        return Gradient(worker, version, optimizer, loss, dense, sparse, buffers)
+
+    # ---- applying ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _apply(self, g: Gradient) -> None:
+        staleness = self.version - g.version
+        assert 0 <= staleness <= self.max_staleness, f"staleness {staleness} broke the bound"
+        p = self.params
+        if g.dense is not None:
+            grads = p.dense_layouts[g.optimizer].slices(g.dense)
+            if self.delay_compensation:
+                pulled = p.state.slices(self.sent_state[g.worker])
+                where = {id(q): i for i, q in enumerate(p.params)}
+                for q, grad in zip(p.dense[g.optimizer], grads):
+                    grad.add_(self.delay_compensation * grad * grad * (q - pulled[where[id(q)]]))
+            for q, grad in zip(p.dense[g.optimizer], grads):
+                q.grad = grad
+        for q, (indices, values) in zip(p.sparse[g.optimizer], g.sparse):
+            q.grad = torch.sparse_coo_tensor(indices.unsqueeze(0), values, q.shape).coalesce()
+        if g.buffers is not None:
+            p.buffer_layout.unpack(g.buffers, p.buffers)
+        self.optimizers[g.optimizer].step()
+        self.optimizers[g.optimizer].zero_grad(set_to_none=True)
+        self.version += 1
+        del self.pulled[g.worker]
+        self.sent_state.pop(g.worker, None)
+        self.stats.staleness.append(staleness)
+        self.stats.losses.append(g.loss)
+        if self.after_update is not None:
+            self.after_update(self, g)
+
+    # ---- answering -------------------------------------------------------------------------
+    def _can_start(self, worker: int) -> bool:
+        """Would a new computation by ``worker`` keep every gradient in flight within the bound?"""
+        others = [w for w in self.pulled if w != worker]
+        if len(others) > self.max_staleness:  # its own gradient could come after all of theirs
+            return False
+        return all(self.version - self.pulled[w] + len(others) <= self.max_staleness for w in others)
+
+    def _answer_waiting(self) -> None:
+        for worker in list(self.waiting):
+            if self.version + len(self.pulled) >= self.limit:
+                self._reply(worker, go=False)
+            elif self._can_start(worker):
+                self._reply(worker, go=True)
+            else:
+                continue
+            self.waiting.remove(worker)
+
+    def _reply(self, worker: int, go: bool) -> None:
+        self.comm.send(torch.tensor([self.version, int(go)]), worker, TAG_REPLY)
+        state = self.params.pack_state()
+        self.comm.send(state, worker, TAG_REPLY_PAYLOAD)
+        if not go:
+            self.stopped.add(worker)
+            return
+        self.pulled[worker] = self.version
+        if self.delay_compensation:
+            self.sent_state[worker] = state
