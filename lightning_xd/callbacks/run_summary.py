@@ -2,7 +2,7 @@
 
 ``samples_per_s`` counts the training samples of all ranks over the slowest rank's time spent
 in training steps (forward, backward, gradient exchange, optimizer step), so strategies are
-compared on the work they share; ``updates_per_s`` is optimizer updates per second of training;
+compared on the work they share; ``updates_per_s`` is optimizer updates over that same time;
 ``epoch_time_s_mean`` is wall-clock per epoch, validation included.
 """
 from __future__ import annotations
@@ -68,5 +68,6 @@ class RunSummary(Callback):
             "epochs": len(self.epoch_seconds),
             "global_step": trainer.global_step,
             "train_time_s": train_seconds,
-            "updates_per_s": trainer.global_step / max(train_seconds, 1e-9),
+            "step_time_s_mean": float(slowest) / max(1, trainer.global_step),
+            "updates_per_s": trainer.global_step / max(float(slowest), 1e-9),
         }
