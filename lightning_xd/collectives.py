@@ -40,24 +40,29 @@ def attach_metric_sync(module: nn.Module, comm: Communicator, available: Callabl
 
 
 class MPICollectives:
-    """Mixin for a Lightning strategy with a ``comm`` attribute."""
+    """Mixin for a Lightning strategy whose ``collective_comm`` holds the ranks that log together
+    (all of them, except in the hybrid strategy: the data-parallel group of a pipeline stage)."""
 
-    comm: Communicator
+    collective_comm: Communicator
 
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
-        """Reduce over all ranks. Accepts "mean"/"sum"/"max"/"min" and torch's ReduceOp (Lightning passes both)."""
+        """Reduce over the ranks. Accepts "mean"/"sum"/"max"/"min" and torch's ReduceOp (Lightning passes both)."""
         if not isinstance(tensor, Tensor):
             tensor = torch.tensor(tensor, device=self.root_device)
-        return self.comm.allreduce(tensor.detach().clone(), reduce_op or "mean")
+        return self.collective_comm.allreduce(tensor.detach().clone(), reduce_op or "mean")
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        votes = int(self.reduce(torch.tensor(int(decision), device=self.root_device), reduce_op="sum"))
+        return votes == self.collective_comm.size if all else votes > 0
 
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
         """Stack every rank's ``tensor`` (same shape on each) along a new first dimension."""
         if sync_grads:
-            return _AllGatherWithGrad.apply(tensor, self.comm)
-        return self.comm.allgather(tensor.detach().contiguous())
+            return _AllGatherWithGrad.apply(tensor, self.collective_comm)
+        return self.collective_comm.allgather(tensor.detach().contiguous())
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return self.comm.broadcast_object(obj, root=src)
+        return self.collective_comm.broadcast_object(obj, root=src)
 
     def barrier(self, name: Optional[str] = None) -> None:
-        self.comm.barrier()
+        self.collective_comm.barrier()

@@ -41,6 +41,8 @@ _MPI_TYPES = {
     torch.bfloat16: MPI.INT16_T,
 }
 _NO_MPI_ARITHMETIC = (torch.float16, torch.bfloat16, torch.bool)
+_DTYPE_CODES = list(_MPI_TYPES)
+_HEADER_WORDS = 10  # dtype, ndim, up to 8 dimensions
 
 _MPI_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "avg": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN,
             "prod": MPI.PROD, "product": MPI.PROD, "band": MPI.BAND, "bor": MPI.BOR,
@@ -256,6 +258,28 @@ class Communicator:
         staged = _Staged(tensor, copy_in=False)
         request = self.mpi.Irecv(staged.buffer(), source=source, tag=tag)
         return Handle(request, staged.finish, staged)
+
+    # ---- tensors whose shape the receiver does not know (activations between pipeline stages)
+    def isend_tensor(self, tensor: Tensor, dest: int, tag: int) -> list[Handle]:
+        """Send shape and dtype, then the data; receive with ``recv_tensor``."""
+        header = torch.tensor([_DTYPE_CODES.index(tensor.dtype), tensor.dim(), *tensor.shape], dtype=torch.int64)
+        padded = torch.zeros(_HEADER_WORDS, dtype=torch.int64)
+        padded[: header.numel()] = header
+        return [self.isend(padded, dest, tag), self.isend(tensor.detach().contiguous(), dest, tag)]
+
+    def recv_tensor(self, source: int, tag: int, device: Optional[torch.device] = None) -> Tensor:
+        header = torch.empty(_HEADER_WORDS, dtype=torch.int64)
+        self.recv(header, source, tag)
+        dtype, ndim = _DTYPE_CODES[int(header[0])], int(header[1])
+        tensor = torch.empty(tuple(int(n) for n in header[2:2 + ndim]), dtype=dtype, device=device)
+        self.recv(tensor, source, tag)
+        return tensor
+
+    def broadcast_tensor(self, tensor: Optional[Tensor], root: int) -> Tensor:
+        """Broadcast a tensor only ``root`` knows the shape of (others pass None)."""
+        meta = self.broadcast_object((tensor.dtype, tuple(tensor.shape)) if self.rank == root else None, root)
+        out = tensor.detach().contiguous() if self.rank == root else torch.empty(meta[1], dtype=meta[0])
+        return self.broadcast(out, root)
 
     def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Optional[tuple[int, int]]:
         """(source, tag) of a message waiting to be received, or None (never blocks)."""

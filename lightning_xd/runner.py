@@ -57,8 +57,16 @@ def _check_extra_flags(args: argparse.Namespace, entries: list) -> None:
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that can be checked before processes start, including the data on this host."""
+    from lightning_xd.registry import accepted_settings
+
     settings = resolve(args)
-    DATAMODULES.build(args.data, settings).prepare_data()
+    datamodule = DATAMODULES.build(args.data, settings)
+    datamodule.prepare_data()
+    check_settings = getattr(STRATEGIES.get(args.strategy).build, "check_settings", None)
+    if check_settings is not None:  # a strategy's own checks, on the model it will run
+        model = MODELS.build(args.model, settings, **datamodule.model_kwargs())
+        fixed = {"nprocs": args.nprocs, "model": model}
+        check_settings(**fixed, **accepted_settings(check_settings, settings, exclude=fixed))
     return settings
 
 

@@ -32,6 +32,7 @@ class MPIAllReduceStrategy(MPICollectives, ParallelStrategy):
 
     def __init__(self, bucket_size_mb: float = 25.0, **kwargs: Any):
         self.comm: Communicator = world()
+        self.collective_comm: Communicator = self.comm
         environment = MPIEnvironment(self.comm)
         super().__init__(parallel_devices=[device_for(environment.local_rank())],
                          cluster_environment=environment, **kwargs)
@@ -57,32 +58,37 @@ class MPIAllReduceStrategy(MPICollectives, ParallelStrategy):
     def setup(self, trainer) -> None:
         super().setup(trainer)  # device, precision, optimizers
         self.broadcast_module_state(src=0)
-        attach_metric_sync(self.model, self.comm, self.metrics_can_sync)
+        attach_metric_sync(self.model, self.collective_comm, self.metrics_can_sync)
         if trainer.state.fn == TrainerFn.FITTING:
             self.gradients = self.gradient_sync()
 
     def gradient_sync(self) -> Optional[GradientBuckets]:
         """What averages gradients after backward: the bucketed, overlapped allreduce."""
-        return GradientBuckets(self.model, self.comm, self.bucket_size_mb)
+        return GradientBuckets(self.model, self.replicas, self.bucket_size_mb)
 
     def metrics_can_sync(self) -> bool:
         """Whether torchmetrics may gather their states over the ranks now."""
-        return self.comm.size > 1
+        return self.collective_comm.size > 1
 
     def model_to_device(self) -> None:
         self.model.to(self.root_device)
 
     def broadcast_module_state(self, src: int = 0) -> None:
-        """Give every rank ``src``'s parameters and buffers."""
+        """Give every rank of the data-parallel group ``src``'s parameters and buffers."""
         tensors = [t for t in self.model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)]
         with torch.no_grad():
-            wait_all([self.comm.ibroadcast(t.data, root=src) for t in tensors])
+            wait_all([self.replicas.ibroadcast(t.data, root=src) for t in tensors])
+
+    @property
+    def replicas(self) -> Communicator:
+        """The ranks that hold copies of the same parameters and average their gradients."""
+        return self.comm
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # As DDP's broadcast_buffers: running statistics (BatchNorm) follow rank 0.
+        # As DDP's broadcast_buffers: running statistics (BatchNorm) follow the first replica.
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         with torch.no_grad():
-            wait_all([self.comm.ibroadcast(b, root=0) for b in buffers])
+            wait_all([self.replicas.ibroadcast(b, root=0) for b in buffers])
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         """Wait for the gradient buckets and average: every rank now holds the same gradients."""

@@ -69,3 +69,55 @@ class TinyData(LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=3, sampler=eval_sampler(self.val_set, self.trainer))
+
+
+class _Stage(nn.Module):
+    def __init__(self, inputs: int, outputs: int, last: bool = False):
+        super().__init__()
+        self.linear, self.last = nn.Linear(inputs, outputs), last
+
+    def forward(self, h, batch):
+        h = self.linear(h)
+        return h if self.last else torch.tanh(h)
+
+
+class TinyPipelined(LightningModule):
+    """Five stages of an MLP, written to the pipeline contract (stages, input, loss)."""
+
+    def __init__(self, lr: float = 0.1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stages = nn.ModuleList([_Stage(4, 10), _Stage(10, 4), _Stage(4, 10), _Stage(10, 4),
+                                     _Stage(4, 1, last=True)])
+        self.val_mae = MeanAbsoluteError()
+        self.lr = lr
+
+    def pipeline_stages(self):
+        return list(self.stages)
+
+    def pipeline_input(self, batch):
+        return batch[0]
+
+    def pipeline_loss(self, output, batch, stage):
+        y = batch[2]
+        loss = F.mse_loss(output, y)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(y))
+        if stage == "val":
+            self.val_mae(output, y)
+            self.log("val/mae", self.val_mae, batch_size=len(y))
+        return loss
+
+    def forward(self, x):
+        h = x
+        for stage in self.stages:
+            h = stage(h, None)
+        return h
+
+    def training_step(self, batch, batch_idx):
+        return self.pipeline_loss(self(batch[0]), batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self.pipeline_loss(self(batch[0]), batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
