@@ -2,13 +2,17 @@
 
     python train.py --model gcn --strategy mpi --nprocs 2
 
-With ``--nprocs N`` > 1 this command re-runs itself under mpirun; inside the job it trains.
+With ``--nprocs N`` > 1 (or ``--max-restarts R`` > 0) this command re-runs itself under mpirun
+and watches the job (``lightning_xd.supervisor``); inside the job it trains.
 """
+import os
 import sys
 
-from lightning_xd import cli, launcher, runner
-from lightning_xd.launcher import in_mpi_job
+from lightning_xd import cli, runner
 from lightning_xd.errors import UserError
+from lightning_xd.launcher import in_mpi_job
+from lightning_xd.registry import STRATEGIES
+from lightning_xd.supervisor import Supervisor
 
 
 def main(argv=None) -> int:
@@ -22,9 +26,13 @@ def main(argv=None) -> int:
         if args.list:
             print(cli.registered_names())
             return 0
-        if args.nprocs > 1 and not in_mpi_job():
-            runner.check(args)
-            return launcher.run_under_mpirun(args.nprocs, [__file__, *argv], args.hostfile, args.launch_agent)
+        starts_processes = not in_mpi_job() and os.environ.get("XD_SUPERVISED") != "1"
+        if starts_processes and (args.nprocs > 1 or args.max_restarts > 0):
+            settings = runner.check(args)
+            ulfm = (args.fault_tolerance == "ulfm" and args.nprocs > 1
+                    and STRATEGIES.get(args.strategy).defaults.get("ulfm", False))
+            return Supervisor(__file__, argv, settings["run_dir"], args.nprocs, args.hostfile, args.launch_agent,
+                              args.max_restarts, args.min_nprocs, ulfm).run()
         runner.run(args)
         return 0
     except UserError as err:

@@ -43,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--log-every-n-steps", type=int, default=10)
     how.add_argument("--straggler-delay", metavar="RANK:SECONDS",
                      help="sleep this long after every training step of that rank (straggler experiments)")
+    ft = p.add_argument_group("fault tolerance")
+    ft.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N optimizer steps")
+    ft.add_argument("--ckpt-every-seconds", type=float, help="also checkpoint every T seconds")
+    ft.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (every epoch end is one)")
+    ft.add_argument("--background-checkpoints", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                    metavar="true|false", help="write checkpoints from a snapshot in a background thread")
+    ft.add_argument("--resume", default="auto",
+                    help="auto: newest verified checkpoint of an unfinished run; never; or a checkpoint PATH")
+    ft.add_argument("--fault-tolerance", choices=["ulfm", "none"], default="ulfm",
+                    help="ulfm: survive killed processes inside the running job (MPI ULFM)")
+    ft.add_argument("--collective-timeout", type=float, default=300.0,
+                    help="seconds a collective may wait before it counts as a failure (watchdog)")
+    ft.add_argument("--max-restarts", type=int, default=0,
+                    help="relaunch a job that ended without finishing, from its last checkpoint")
+    ft.add_argument("--min-nprocs", type=int, help="fewest processes a relaunch may run on (default: --nprocs)")
+    ft.add_argument("--inject-fault", metavar="MODE:rank=R,step=S",
+                    help="kill | exit | hang | during-checkpoint, for testing recovery")
     files = p.add_argument_group("files")
     files.add_argument("--data-dir", default=os.environ.get("XD_DATA_DIR", "./data"),
                        help="datasets, laid out as ../shared/data ($XD_DATA_DIR)")

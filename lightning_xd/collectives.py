@@ -39,6 +39,19 @@ def attach_metric_sync(module: nn.Module, comm: Communicator, available: Callabl
             metric.distributed_available_fn = available
 
 
+def gather_objects(strategy: Any, obj: Any) -> list:
+    """Every process's ``obj``, in rank order, whatever the strategy (ours, Lightning's DDP, one process)."""
+    if hasattr(strategy, "all_gather_object"):
+        return strategy.all_gather_object(obj)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
 class MPICollectives:
     """Mixin for a Lightning strategy whose ``collective_comm`` holds the ranks that log together
     (all of them, except in the hybrid strategy: the data-parallel group of a pipeline stage)."""
@@ -63,6 +76,10 @@ class MPICollectives:
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return self.collective_comm.broadcast_object(obj, root=src)
+
+    def all_gather_object(self, obj: Any) -> list:
+        """One object per process of the whole job, in rank order."""
+        return self.comm.allgather_object(obj)
 
     def barrier(self, name: Optional[str] = None) -> None:
         self.collective_comm.barrier()

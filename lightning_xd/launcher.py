@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,8 +32,9 @@ def mpirun_executable() -> str:
 
 
 def mpirun_command(nprocs: int, script_argv: Sequence[str], hostfile: Optional[str] = None,
-                   mpirun_args: Sequence[str] = ()) -> list[str]:
-    """The mpirun command line that starts ``nprocs`` ranks of ``python -m mpi4py script ...``."""
+                   mpirun_args: Sequence[str] = (), env: Optional[dict] = None) -> list[str]:
+    """The mpirun command line that starts ``nprocs`` ranks of ``python -m mpi4py script ...``
+    (forwarding the variables of ``env``, by default this process's, that every rank needs)."""
     cmd = [mpirun_executable(), "-np", str(nprocs)]
     if hostfile:
         if not Path(hostfile).is_file():
@@ -43,7 +42,7 @@ def mpirun_command(nprocs: int, script_argv: Sequence[str], hostfile: Optional[s
         cmd += ["--hostfile", hostfile]
     elif nprocs > (os.cpu_count() or 1):
         cmd += ["--oversubscribe", "--bind-to", "none"]
-    for name in sorted(os.environ):
+    for name in sorted(os.environ if env is None else env):
         if name.startswith(_FORWARDED_PREFIXES):
             cmd += ["-x", name]
     cmd += ["--wdir", os.getcwd(), *mpirun_args, sys.executable, "-m", "mpi4py", *script_argv]
@@ -58,19 +57,3 @@ def mpirun_environment(launch_agent: Optional[str] = None) -> dict[str, str]:
         # Open MPI 5 starts remote daemons through PRRTE, which ignores OMPI_MCA_plm_rsh_agent.
         env["PRTE_MCA_plm_ssh_agent"] = launch_agent
     return env
-
-
-def run_under_mpirun(nprocs: int, script_argv: Sequence[str], hostfile: Optional[str] = None,
-                     launch_agent: Optional[str] = None, mpirun_args: Sequence[str] = ()) -> int:
-    """Start the job and wait for it; Ctrl-C stops every rank. Returns mpirun's exit code."""
-    cmd = mpirun_command(nprocs, script_argv, hostfile, mpirun_args)
-    proc = subprocess.Popen(cmd, env=mpirun_environment(launch_agent))
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)  # mpirun forwards it to every rank
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()

@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning_xd.cli import default_run_dir
 from lightning_xd.launcher import in_mpi_job
@@ -99,16 +99,69 @@ def _prepare_data_once_per_host(datamodule) -> None:
     world().barrier()
 
 
+def choose_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
+    """The checkpoint to resume from (``--resume auto|never|PATH``); decided by the first process."""
+    from lightning_xd.checkpoints import CheckpointStore, check_readable
+
+    store, completed = CheckpointStore(run_dir / "checkpoints"), run_dir / "COMPLETED"
+    if resume not in ("auto", "never"):
+        manifest = check_readable(Path(resume))
+        print(f"resuming from {resume} (step {manifest.get('global_step', '?')})", flush=True)
+        return resume
+    if resume == "auto" and not completed.exists():
+        found = store.newest_verified()
+        if found is not None:
+            print(f"resuming from {found[0]} (step {found[1]['global_step']}, epoch {found[1]['epoch']})", flush=True)
+            return str(found[0])
+    archived = store.archive()  # a finished (or deliberately restarted) run's checkpoints are kept aside
+    if archived is not None:
+        print(f"starting afresh; earlier checkpoints moved to {archived}", flush=True)
+    completed.unlink(missing_ok=True)
+    return None
+
+
+def _checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> Optional[str]:
+    if not in_mpi_job():
+        return choose_checkpoint(args.resume, run_dir)
+    from lightning_xd.comm import world
+
+    choice = None
+    if world().rank == 0:
+        try:
+            choice = ("ok", choose_checkpoint(args.resume, run_dir))
+        except UserError as err:
+            choice = ("error", str(err))
+    kind, value = world().broadcast_object(choice)
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def _fault_tolerance_callbacks(args: argparse.Namespace, run_dir: Path) -> list:
+    from lightning_xd.callbacks import FaultInjector, FaultTolerantCheckpoint, ProgressMarker, parse_fault
+
+    callbacks = [FaultTolerantCheckpoint(run_dir / "checkpoints", args.ckpt_every_steps, args.ckpt_every_seconds),
+                 ProgressMarker(run_dir / "progress.json")]
+    if args.inject_fault:
+        callbacks.append(FaultInjector(parse_fault(args.inject_fault)))
+    return callbacks
+
+
 def build_trainer(settings: dict[str, Any], strategy, callbacks: list) -> "Trainer":
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from lightning_xd.checkpoints import VerifiedCheckpointIO
 
     environment = getattr(strategy, "cluster_environment", None)
     # A strategy without an environment of its own gets one, so that Lightning never probes for MPI
     # itself: that can hang a Trainer outside an MPI job (Lightning issue 20049).
     plugins = [] if environment is not None else [LightningEnvironment()]
+    checkpoint_io = VerifiedCheckpointIO(settings["keep_last"])
+    plugins.append(AsyncCheckpointIO(checkpoint_io) if settings["background_checkpoints"] else checkpoint_io)
     rank_zero = environment is None or environment.global_rank() == 0
     return Trainer(
         accelerator=strategy.root_device.type,
@@ -124,6 +177,7 @@ def build_trainer(settings: dict[str, Any], strategy, callbacks: list) -> "Train
         callbacks=[*callbacks, *([RichProgressBar()] if rank_zero else [])],
         enable_progress_bar=rank_zero,
         enable_model_summary=rank_zero,
+        enable_checkpointing=True,  # through the fault-tolerant Checkpoint callback given in ``callbacks``
     )
 
 
@@ -149,11 +203,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     strategy = STRATEGIES.build(args.strategy, settings)
     _prepare_data_once_per_host(datamodule)
     model = MODELS.build(args.model, settings, **datamodule.model_kwargs())
+    run_dir = Path(settings["run_dir"])
     summary = RunSummary()
     callbacks = [StragglerDelay(*parse_straggler(args.straggler_delay))] if args.straggler_delay else []
-    trainer = build_trainer(settings, strategy, [*callbacks, summary])
-    trainer.fit(model, datamodule=datamodule)
-    totals = summary.totals(trainer)
+    resume_from = _checkpoint_to_resume(args, run_dir)
+    ft_callbacks = _fault_tolerance_callbacks(args, run_dir)
+    trainer = build_trainer(settings, strategy, [*callbacks, summary, *ft_callbacks])
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+    totals = {**summary.totals(trainer), **checkpoint_overhead(ft_callbacks[0], summary)}
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)
     tested = trainer.test(model, datamodule=datamodule, verbose=trainer.is_global_zero)
     metrics = {
@@ -165,8 +222,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "wall_time_s": time.perf_counter() - started,
     }
     if trainer.is_global_zero:
-        write_json(Path(settings["run_dir"]) / "metrics.json", metrics)
+        write_json(run_dir / "metrics.json", metrics)
+        (run_dir / "COMPLETED").write_text(f"{time.time()}\n")  # the supervisor's sign that the run finished
     return metrics
+
+
+def checkpoint_overhead(checkpoints, summary) -> dict[str, float]:
+    """Time spent saving checkpoints, against the time spent in training steps (this process)."""
+    saves = checkpoints.save_seconds
+    return {"checkpoint/saves": len(saves), "checkpoint/save_s_mean": sum(saves) / max(1, len(saves)),
+            "checkpoint/overhead_pct": 100.0 * sum(saves) / max(summary.step_seconds, 1e-9)}
 
 
 def write_json(path: Path, content: dict) -> None:

@@ -17,14 +17,13 @@ resumes from it with ``trainer.fit(ckpt_path=...)``. World size 1 is plain local
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_xd.comm import Communicator, world
+from lightning_xd.callbacks.fault_tolerant_checkpoint import FaultTolerantCheckpoint
 from lightning_xd.errors import UserError
 from lightning_xd.parameter_server import SERVER, Gradient, ParameterServer, ParameterSet, WorkerClient
 from lightning_xd.registry import STRATEGIES
@@ -51,6 +50,7 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
     """Parameter server on rank 0, workers on the other ranks, staleness bounded by ``staleness``."""
 
     strategy_name = "async"
+    supports_ulfm = False  # a lost worker or server ends the job; the supervisor restarts it
 
     def __init__(self, staleness: int = 4, delay_compensation: float = 0.0, **kwargs: Any):
         super().__init__(**kwargs)
@@ -138,9 +138,9 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
                                         "async/staleness_mean": sum(recent) / len(recent),
                                         "async/staleness_max": max(recent),
                                         "async/updates_per_s": server.stats.updates_per_s}, step=server.version)
-        if epoch_end and trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
+        if epoch_end:
             self.version = server.version
-            self.save_server_checkpoint(trainer)
+            self.save_server_checkpoint(trainer, "epoch")
 
     # ---- the worker's step: compute, push, pull, step ---------------------------------------
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
@@ -172,8 +172,7 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
                                   "updates_per_s": self.server.stats.updates_per_s,
                                   "epochs": self.version / max(1, self.server.batches_per_epoch)})
             self._log_histogram(trainer)
-            if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
-                self.save_server_checkpoint(trainer)
+            self.save_server_checkpoint(trainer, "end")
         self.client, self._training = None, False
         trainer.limit_val_batches = self._limit_val_batches
 
@@ -188,13 +187,21 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         return dict(self._summary)
 
     # ---- checkpoints: the server's parameters, optimizer state and version ---------------
-    def save_server_checkpoint(self, trainer) -> None:
-        path = os.path.join(trainer.default_root_dir, "checkpoints", "async-server.ckpt")
-        trainer.save_checkpoint(path)  # barriers are local while training runs
+    saves_own_checkpoints = True  # the server writes them; workers' epoch ends are not the run's
+
+    def save_server_checkpoint(self, trainer, kind: str) -> None:
+        """Written by the server alone (barriers are local while training runs)."""
+        checkpoints = trainer.checkpoint_callback
+        if not isinstance(checkpoints, FaultTolerantCheckpoint) or trainer.fast_dev_run:
+            return
+        checkpoints._kind = kind
+        trainer.save_checkpoint(checkpoints.store.folder / f"step-{self.version:09d}.ckpt")
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
         checkpoint["async_server"] = {"version": self.version, "max_staleness": self.max_staleness}
         checkpoint["global_step"] = self.version
+        if self.server is not None:
+            checkpoint["epoch"] = self.version // max(1, self.server.batches_per_epoch)
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict:
@@ -215,6 +222,9 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return obj if self._training else super().broadcast(obj, src)
+
+    def all_gather_object(self, obj: Any) -> list:
+        return [obj] if self._training else super().all_gather_object(obj)
 
     def barrier(self, name: Optional[str] = None) -> None:
         if not self._training:

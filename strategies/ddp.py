@@ -6,17 +6,22 @@ from lightning_xd.comm import world
 from lightning_xd.environment import MPIEnvironment, device_for
 from lightning_xd.errors import UserError
 from lightning_xd.registry import STRATEGIES
+from lightning_xd.resumable import ResumableTrainingData
+
+
+class LightningDDP(ResumableTrainingData, DDPStrategy):
+    """DDPStrategy whose training data resumes where a checkpoint left it."""
 
 
 @STRATEGIES.register("ddp")
-def lightning_ddp() -> DDPStrategy:
+def lightning_ddp() -> LightningDDP:
     env = MPIEnvironment(world())
     if env.world_size() != env.num_nodes * env.local_size or env.global_rank() != (
             env.node_rank() * env.local_size + env.local_rank()):
         raise UserError("ddp needs the same number of processes on every host, numbered host by host; "
                         "give every host the same slots in the hostfile")
     devices = [device_for(i) for i in range(env.local_size)]
-    strategy = DDPStrategy(parallel_devices=devices, cluster_environment=env,
+    strategy = LightningDDP(parallel_devices=devices, cluster_environment=env,
                            process_group_backend="nccl" if devices[0].type == "cuda" else "gloo")
     strategy.num_nodes = env.num_nodes
     return strategy

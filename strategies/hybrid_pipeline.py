@@ -38,6 +38,7 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
     """P pipeline stages x D data-parallel replicas; rank = replica * P + stage."""
 
     strategy_name = "hybrid"
+    supports_ulfm = False  # a lost stage breaks its pipeline; the supervisor restarts the job
 
     def __init__(self, pipeline_stages: int = 2, microbatches: int = 4, schedule: str = "1f1b", **kwargs: Any):
         super().__init__(**kwargs)

@@ -5,6 +5,10 @@ and buffers are broadcast; during backward each gradient bucket starts a non-blo
 as soon as it is complete; after backward we wait for the buckets and average, so every rank
 takes the same optimizer step. Lightning's reduce / all_gather / broadcast / barrier run over
 MPI, so logged and torchmetrics epoch metrics cover the whole dataset on every rank.
+
+With ``--fault-tolerance ulfm`` (the default when train.py starts the job) a killed process is
+survived inside the job: the others shrink the communicator, redo the interrupted step and go on
+with the rest of the epoch re-sharded over them (``lightning_xd.recovery``).
 """
 from __future__ import annotations
 
@@ -21,16 +25,19 @@ from lightning_xd.collectives import MPICollectives, attach_metric_sync
 from lightning_xd.comm import Communicator, wait_all, world
 from lightning_xd.environment import MPIEnvironment, device_for
 from lightning_xd.gradient_buckets import GradientBuckets
+from lightning_xd.recovery import InJobRecovery
 from lightning_xd.registry import STRATEGIES
+from lightning_xd.resumable import ResumableTrainingData
 
 
-@STRATEGIES.register("mpi")
-class MPIAllReduceStrategy(MPICollectives, ParallelStrategy):
+@STRATEGIES.register("mpi", ulfm=True)
+class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives, ParallelStrategy):
     """Bucketed, overlapped gradient allreduce; the MPI counterpart of Lightning's DDP."""
 
     strategy_name = "mpi"
 
-    def __init__(self, bucket_size_mb: float = 25.0, **kwargs: Any):
+    def __init__(self, bucket_size_mb: float = 25.0, fault_tolerance: str = "ulfm",
+                 collective_timeout: float = 300.0, **kwargs: Any):
         self.comm: Communicator = world()
         self.collective_comm: Communicator = self.comm
         environment = MPIEnvironment(self.comm)
@@ -38,6 +45,7 @@ class MPIAllReduceStrategy(MPICollectives, ParallelStrategy):
                          cluster_environment=environment, **kwargs)
         self.bucket_size_mb = bucket_size_mb
         self.gradients: Optional[GradientBuckets] = None
+        self.enable_recovery(fault_tolerance, collective_timeout)
 
     @property
     def root_device(self) -> torch.device:
@@ -57,7 +65,7 @@ class MPIAllReduceStrategy(MPICollectives, ParallelStrategy):
 
     def setup(self, trainer) -> None:
         super().setup(trainer)  # device, precision, optimizers
-        self.broadcast_module_state(src=0)
+        self.with_recovery(lambda: self.broadcast_module_state(src=0), "the first broadcast of parameters")
         attach_metric_sync(self.model, self.collective_comm, self.metrics_can_sync)
         if trainer.state.fn == TrainerFn.FITTING:
             self.gradients = self.gradient_sync()
@@ -87,13 +95,29 @@ class MPIAllReduceStrategy(MPICollectives, ParallelStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # As DDP's broadcast_buffers: running statistics (BatchNorm) follow the first replica.
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        with torch.no_grad():
-            wait_all([self.replicas.ibroadcast(b, root=0) for b in buffers])
+        if buffers:
+            with torch.no_grad():
+                self.with_recovery(lambda: wait_all([self.replicas.ibroadcast(b, root=0) for b in buffers]),
+                                   "broadcasting buffers")
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         """Wait for the gradient buckets and average: every rank now holds the same gradients."""
         if self.gradients is not None:
             self.gradients.synchronize()
+            self.after_gradient_sync()
+
+    def use_communicator(self, comm: Communicator) -> None:
+        """Go on over ``comm`` (the survivors, after a failure): everything that depends on it follows."""
+        self.comm = self.collective_comm = comm
+        self.cluster_environment = MPIEnvironment(comm)
+        rank_zero_only.rank = fabric_rank_zero_only.rank = comm.rank
+        if self.gradients is not None:
+            self.gradients.remove()
+            self.gradients = self.gradient_sync()
+        attach_metric_sync(self.model, self.collective_comm, self.metrics_can_sync)
+
+    def summary_metrics(self) -> dict[str, Any]:
+        return self.recovery_metrics()
 
     @contextmanager
     def block_backward_sync(self):

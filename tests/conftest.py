@@ -48,11 +48,11 @@ def mpirun(tmp_path):
     from lightning_xd.launcher import mpirun_command, mpirun_environment
 
     def run(n: int, script: str, *args: str, timeout: float = 180, mpirun_args=(),
-            check: bool = True) -> subprocess.CompletedProcess:
+            check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         cmd = mpirun_command(n, [str(REPO / "tests" / "mpi_scripts" / script), *args], mpirun_args=mpirun_args)
         if n > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
             cmd.insert(1, "--oversubscribe")
-        env = {**mpirun_environment(), **_env(tmp_path)}
+        env = {**mpirun_environment(), **_env(tmp_path), **(env or {})}
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             pytest.fail(f"mpirun exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"

@@ -17,12 +17,13 @@ from lightning_xd.data import eval_sampler
 NUM_IDS = 10
 
 
-def make_data(n: int, seed: int) -> TensorDataset:
+def make_data(n: int, seed: int, with_index: bool = False) -> TensorDataset:
+    """(x, ids, y[, index]): ``index`` names each sample, to check which ones were trained on."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
     ids = torch.randint(0, NUM_IDS, (n,), generator=g)
     y = (x @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.1 * ids).unsqueeze(1)
-    return TensorDataset(x, ids, y)
+    return TensorDataset(x, ids, y, torch.arange(n)) if with_index else TensorDataset(x, ids, y)
 
 
 class TinyRegressor(LightningModule):
@@ -39,7 +40,7 @@ class TinyRegressor(LightningModule):
         return self.net(torch.cat([x, self.embedding(ids)], dim=1))
 
     def loss(self, batch):
-        x, ids, y = batch
+        x, ids, y = batch[:3]
         return F.mse_loss(self(x, ids), y)
 
     def training_step(self, batch, batch_idx):
@@ -49,7 +50,7 @@ class TinyRegressor(LightningModule):
         self.sparse_grad_seen.append(bool(self.embedding.weight.grad.is_sparse))
 
     def validation_step(self, batch, batch_idx):
-        x, ids, y = batch
+        x, ids, y = batch[:3]
         self.val_mae(self(x, ids), y)
         self.log("val/mae", self.val_mae, batch_size=len(y))
         self.log("val/loss_sum", F.mse_loss(self(x, ids), y, reduction="sum"), reduce_fx="sum",
@@ -60,9 +61,10 @@ class TinyRegressor(LightningModule):
 
 
 class TinyData(LightningDataModule):
-    def __init__(self, batch_size: int = 4, n_train: int = 32, n_val: int = 11):
+    def __init__(self, batch_size: int = 4, n_train: int = 32, n_val: int = 11, with_index: bool = False):
         super().__init__()
-        self.batch_size, self.train_set, self.val_set = batch_size, make_data(n_train, 1), make_data(n_val, 2)
+        self.batch_size = batch_size
+        self.train_set, self.val_set = make_data(n_train, 1, with_index), make_data(n_val, 2, with_index)
 
     def train_dataloader(self):
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False)

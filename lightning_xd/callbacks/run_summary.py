@@ -46,6 +46,7 @@ class RunSummary(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts without that hook
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_seconds = time.perf_counter() - self._fit_start

@@ -1,0 +1,113 @@
+"""Checkpoints that survive the failures they are for (``--ckpt-every-steps``, ``--ckpt-every-seconds``).
+
+Saved every N steps and/or T seconds and at every epoch end, through Lightning's own
+``trainer.save_checkpoint`` (so model, optimizer and LR-scheduler state, loop progress, the
+training loader's position inside the epoch, callback and datamodule state all use Lightning's
+hooks). The strategy's checkpoint IO (``VerifiedCheckpointIO``, in the background behind
+Lightning's ``AsyncCheckpointIO`` by default) writes them atomically with a sha256 manifest and
+keeps the last K. This callback's own state is every process's random-number-generator state,
+so a resumed run draws the same dropout masks as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+from lightning_xd.checkpoints import CheckpointStore
+from lightning_xd.collectives import gather_objects
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class FaultTolerantCheckpoint(Checkpoint):
+    def __init__(self, dirpath: str | Path, every_n_steps: Optional[int] = None,
+                 every_n_seconds: Optional[float] = None):
+        self.store = CheckpointStore(dirpath)
+        self.every_n_steps, self.every_n_seconds = every_n_steps, every_n_seconds
+        self._last_save = time.monotonic()
+        self._last_step_saved = -1
+        self._kind = "step"
+        self.save_seconds: list[float] = []  # how long each save stalled training
+
+    # ---- when ---------------------------------------------------------------------------------
+    def _due(self, step: int) -> bool:
+        by_steps = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        by_time = bool(self.every_n_seconds) and time.monotonic() - self._last_save >= self.every_n_seconds
+        return by_steps or by_time
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._due(trainer.global_step):
+            self.save(trainer, "step")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.save(trainer, "epoch")
+
+    # ---- how ----------------------------------------------------------------------------------
+    def save(self, trainer, kind: str) -> None:
+        """Every process takes part (Lightning gathers state); the first one writes and commits."""
+        if trainer.fast_dev_run or trainer.sanity_checking or getattr(trainer.strategy, "saves_own_checkpoints", False):
+            return
+        step = trainer.global_step
+        if step == self._last_step_saved:
+            return
+        started = time.perf_counter()
+        # Metrics logged with sync_dist are reduced lazily, on first read; the progress bar reads them
+        # on the first process only. Reading them here, on every process, keeps the collectives in step.
+        trainer.callback_metrics
+        self._kind = kind
+        trainer.save_checkpoint(self.store.folder / f"step-{step:09d}.ckpt")
+        self._last_save, self._last_step_saved = time.monotonic(), step
+        self.save_seconds.append(time.perf_counter() - started)
+
+    # ---- what it adds to the checkpoint: every process's random state --------------------------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        if trainer is None:
+            return {"rng": [rng_state()]}
+        return {"rng": gather_objects(trainer.strategy, rng_state()),
+                "manifest_info": checkpoint_info(trainer, self._kind)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("rng", [])
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        # Applied just before the next training step: anything drawn in between (a sanity check,
+        # a validation loader) would otherwise shift the sequence.
+        self._rng_to_restore = states[rank] if rank < len(states) else None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    _trainer = None
+    _rng_to_restore: Optional[dict] = None
+
+
+def checkpoint_info(trainer, kind: str) -> dict[str, Any]:
+    """What a manifest records about the run that wrote the checkpoint."""
+    strategy = trainer.strategy
+    return {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "kind": kind,
+            "world_size": trainer.world_size, "strategy": type(strategy).__name__,
+            "pipeline_stages": getattr(strategy, "stages", None)}

@@ -1,0 +1,50 @@
+"""``<run_dir>/progress.json``: how far training has got, for the supervisor that restarts it.
+
+Written by the first process only, after every step (a tiny file): the attempt number, the step
+training (re)started from, the latest step and when each happened.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+
+class ProgressMarker(Callback):
+    def __init__(self, path: str | Path, min_interval_s: float = 0.0):
+        self.path, self.min_interval_s = Path(path), min_interval_s
+        self._written = 0.0
+        self.state: dict = {}
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.path)
+        self._written = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.state = {"attempt": int(os.environ.get("XD_ATTEMPT", "0")), "started_step": trainer.global_step,
+                          "training_started_at": time.time(), "global_step": trainer.global_step,
+                          "updated_at": time.time()}
+            self._write()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.is_global_zero and self.state:
+            self.state.update(global_step=trainer.global_step, updated_at=time.time())
+            if time.monotonic() - self._written >= self.min_interval_s:
+                self._write()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.state:
+            self._write()
+
+
+def read_progress(run_dir: str | Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "progress.json").read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,178 @@
+"""A folder of checkpoints that are either complete and verified, or ignored.
+
+Writing: the checkpoint goes to a temporary file, is fsynced and renamed; then a manifest
+(``<name>.json``: sha256, size, step, epoch, world size ...) is written the same way. The
+manifest is the commit: a checkpoint without one (a write that was killed) is never loaded, and
+one whose bytes do not match its manifest is skipped with a one-line warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from lightning_xd.errors import UserError
+
+MANIFEST_VERSION = 1
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` onto ``final`` so that after a crash one of the two complete versions is there."""
+    _fsync(tmp)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+
+
+def write_json_durably(path: Path, content: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    replace_durably(tmp, path)
+
+
+class CheckpointStore:
+    """The checkpoints of one run: ``<name>.ckpt`` + ``<name>.json`` pairs in one folder."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def temporary_path(self, name: str) -> Path:
+        """Where ``name`` is written before it is committed (a dot file: never mistaken for one)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder / f".{name}.ckpt.tmp"
+
+    def commit(self, name: str, info: dict[str, Any]) -> Path:
+        """Move the written temporary file into place, then write its manifest (the commit)."""
+        tmp, final = self.temporary_path(name), self.folder / f"{name}.ckpt"
+        replace_durably(tmp, final)
+        manifest = {"version": MANIFEST_VERSION, "file": final.name, "sha256": sha256_of(final),
+                    "bytes": final.stat().st_size, "created": time.time(), **info}
+        write_json_durably(self.folder / f"{name}.json", manifest)
+        return final
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """Committed checkpoints, newest (highest step, then latest) first."""
+        found = []
+        for path in self.folder.glob("*.json") if self.folder.is_dir() else []:
+            try:
+                manifest = json.loads(path.read_text())
+                manifest["manifest_path"] = str(path)
+                found.append(manifest)
+            except (OSError, ValueError):
+                print(f"warning: skipping checkpoint manifest {path}: unreadable", flush=True)
+        return sorted(found, key=lambda m: (m.get("global_step", -1), m.get("created", 0)), reverse=True)
+
+    def verify(self, manifest: dict[str, Any]) -> Optional[str]:
+        """None when the checkpoint matches its manifest, else why it does not."""
+        path = self.folder / manifest.get("file", "")
+        if not path.is_file():
+            return "file missing"
+        if path.stat().st_size != manifest.get("bytes"):
+            return f"{path.stat().st_size} bytes, manifest says {manifest.get('bytes')} (truncated?)"
+        if sha256_of(path) != manifest.get("sha256"):
+            return "checksum mismatch (corrupt)"
+        return None
+
+    def newest_verified(self) -> Optional[tuple[Path, dict[str, Any]]]:
+        """The newest checkpoint whose bytes match its manifest; broken ones are skipped with a warning."""
+        for manifest in self.manifests():
+            problem = self.verify(manifest)
+            if problem is None:
+                return self.folder / manifest["file"], manifest
+            print(f"warning: skipping checkpoint {manifest.get('file')}: {problem}", flush=True)
+        return None
+
+    def prune(self, keep_last: int) -> None:
+        """Keep the ``keep_last`` newest committed checkpoints; drop older ones and stale temporaries."""
+        for manifest in self.manifests()[keep_last:]:
+            (self.folder / manifest["file"]).unlink(missing_ok=True)
+            Path(manifest["manifest_path"]).unlink(missing_ok=True)
+        for tmp in self.folder.glob(".*.tmp"):
+            if time.time() - tmp.stat().st_mtime > 60:  # a temporary left by a killed writer
+                tmp.unlink(missing_ok=True)
+
+    def archive(self) -> Optional[Path]:
+        """Move the folder aside (a finished run's checkpoints, before a fresh start)."""
+        if not self.folder.is_dir() or not any(self.folder.iterdir()):
+            return None
+        target = self.folder.with_name(f"{self.folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.folder.rename(target)
+        return target
+
+
+def check_readable(path: Path) -> dict[str, Any]:
+    """``--resume PATH``: the manifest beside it must match; without one, it must at least load."""
+    if not path.is_file():
+        raise UserError(f"--resume {path}: no such checkpoint file")
+    manifest_path = path.with_suffix(".json")
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError:
+            raise UserError(f"--resume {path}: its manifest {manifest_path.name} is not valid JSON") from None
+        problem = CheckpointStore(path.parent).verify(manifest)
+        if problem:
+            raise UserError(f"--resume {path}: {problem}; pick another checkpoint or --resume auto")
+        return manifest
+    import torch
+
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"--resume {path} is not a readable checkpoint ({type(err).__name__}); "
+                        "give a .ckpt written by train.py") from None
+    if not isinstance(content, dict) or "state_dict" not in content:
+        raise UserError(f"--resume {path} is not a Lightning checkpoint (no state_dict)")
+    return {"global_step": content.get("global_step", 0)}
+
+
+class VerifiedCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO that writes through a CheckpointStore: temporary file, fsync, rename,
+    manifest; then keeps the last ``keep_last``. Wrap it in Lightning's ``AsyncCheckpointIO`` to
+    write from a snapshot in the background instead of stalling training."""
+
+    def __init__(self, keep_last: int = 3):
+        super().__init__()
+        self.keep_last = keep_last
+        self.before_commit = None  # a fault injector's hook: runs between writing and committing
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        store, name = CheckpointStore(path.parent), path.name.removesuffix(".ckpt")
+        super().save_checkpoint(checkpoint, store.temporary_path(name))
+        if self.before_commit is not None:
+            self.before_commit(checkpoint.get("global_step", 0))
+        info = {"global_step": checkpoint.get("global_step", 0), "epoch": checkpoint.get("epoch", 0)}
+        for state in checkpoint.get("callbacks", {}).values():
+            if isinstance(state, dict) and "manifest_info" in state:
+                info = {**state["manifest_info"], **info}
+        store.commit(name, info)
+        store.prune(self.keep_last)
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+
+    def remove_checkpoint(self, path) -> None:
+        path = Path(path)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)

@@ -1,0 +1,159 @@
+"""``--max-restarts R``: relaunch a job that ended without finishing, from its last good checkpoint.
+
+mpirun's exit code is not trusted (after losing a host's daemon it has exited 0 here): a job
+has finished when its first process wrote ``<run_dir>/COMPLETED``. Otherwise, while restarts
+remain, the job is started again on the hosts that still answer (at least ``--min-nprocs``
+processes) and resumes from its newest verified checkpoint (``--resume auto``). Restarts,
+downtime (last progress of the failed attempt to first step of the next) and steps redone go
+to the log and to ``metrics.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lightning_xd.callbacks.progress_marker import read_progress
+from lightning_xd.errors import UserError
+from lightning_xd.launcher import mpirun_command, mpirun_environment
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1")
+
+
+def with_flag(argv: Sequence[str], flag: str, value: Optional[str]) -> list[str]:
+    """``argv`` with ``flag`` set to ``value`` (replaced if present, removed if value is None)."""
+    out, skip = [], False
+    for i, token in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if token == flag:
+            skip = True
+            continue
+        if token.startswith(flag + "="):
+            continue
+        out.append(token)
+    return out + ([flag, value] if value is not None else [])
+
+
+def read_hostfile(path: str) -> list[tuple[str, int]]:
+    hosts = []
+    for line in Path(path).read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            slots = next((int(f.split("=")[1]) for f in fields[1:] if f.startswith("slots=")), 1)
+            hosts.append((fields[0], slots))
+    return hosts
+
+
+def answering_hosts(hosts: list[tuple[str, int]], launch_agent: Optional[str]) -> list[tuple[str, int]]:
+    """The hosts on which the launch agent can still run a command."""
+    agent = shlex.split(launch_agent or "ssh")
+    alive = []
+    for host, slots in hosts:
+        if host in LOCAL_HOSTS:
+            alive.append((host, slots))
+            continue
+        try:
+            ok = subprocess.run([*agent, host, "true"], capture_output=True, timeout=15).returncode == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+        if ok:
+            alive.append((host, slots))
+    return alive
+
+
+class Supervisor:
+    def __init__(self, script: str, argv: Sequence[str], run_dir: str | Path, nprocs: int, hostfile: Optional[str],
+                 launch_agent: Optional[str], max_restarts: int, min_nprocs: Optional[int], ulfm: bool):
+        self.script, self.argv, self.run_dir = script, list(argv), Path(run_dir)
+        self.nprocs, self.hostfile, self.launch_agent = nprocs, hostfile, launch_agent
+        self.max_restarts, self.min_nprocs, self.ulfm = max_restarts, min_nprocs or nprocs, ulfm
+        self.attempts: list[dict] = []
+
+    def _command(self, env: dict[str, str]) -> list[str]:
+        argv = with_flag(with_flag(self.argv, "--nprocs", str(self.nprocs)), "--hostfile", self.hostfile)
+        if self.nprocs == 1 and not self.hostfile:
+            return [sys.executable, self.script, *argv]
+        extra = ["--with-ft", "ulfm"] if self.ulfm else []
+        return mpirun_command(self.nprocs, [self.script, *argv], self.hostfile, extra, env)
+
+    def _environment(self, attempt: int) -> dict[str, str]:
+        env = mpirun_environment(self.launch_agent)
+        env.update(XD_ATTEMPT=str(attempt), XD_SUPERVISED="1")
+        if self.ulfm:
+            env["XD_FAULT_TOLERANCE"] = "ulfm"
+        return env
+
+    def run(self) -> int:
+        for attempt in range(self.max_restarts + 1):
+            started = time.time()
+            env = self._environment(attempt)
+            proc = subprocess.Popen(self._command(env), env=env)
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:
+                proc.terminate()
+                return proc.wait()
+            progress = read_progress(self.run_dir)
+            self.attempts.append({"attempt": attempt, "exit_code": code, "started": started, "ended": time.time(),
+                                  "nprocs": self.nprocs, **progress})
+            if self._completed_since(started):
+                self._report()
+                return 0
+            if attempt == self.max_restarts:
+                break
+            self._shrink_to_answering_hosts()
+            print(f"supervisor: attempt {attempt} ended without finishing (exit code {code}, last step "
+                  f"{progress.get('global_step', '?')}); restarting on {self.nprocs} process(es) from the last "
+                  "checkpoint", file=sys.stderr, flush=True)
+        if self.max_restarts or self.attempts[-1]["exit_code"] == 0:
+            print(f"error: the job did not finish after {len(self.attempts)} attempt(s); see the output above",
+                  file=sys.stderr)
+        return self.attempts[-1]["exit_code"] or 1
+
+    def _completed_since(self, started: float) -> bool:
+        marker = self.run_dir / "COMPLETED"
+        return marker.exists() and marker.stat().st_mtime >= started - 1
+
+    def _shrink_to_answering_hosts(self) -> None:
+        if not self.hostfile:
+            return
+        hosts = answering_hosts(read_hostfile(self.hostfile), self.launch_agent)
+        slots = sum(s for _, s in hosts)
+        if slots < self.min_nprocs:
+            raise UserError(f"only {slots} process slot(s) on hosts that still answer, fewer than --min-nprocs "
+                            f"{self.min_nprocs}; cannot restart")
+        self.nprocs = min(self.nprocs, slots)
+        path = self.run_dir / f"hostfile.attempt-{len(self.attempts)}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{host} slots={n}\n" for host, n in hosts))
+        self.hostfile = str(path)
+
+    def _report(self) -> None:
+        """Restarts, downtime and steps redone, into metrics.json and the log."""
+        downtime, redone = [], []
+        for failed, next_ in zip(self.attempts, self.attempts[1:]):
+            if "training_started_at" in next_ and "updated_at" in failed:
+                downtime.append(next_["training_started_at"] - failed["updated_at"])
+                redone.append(max(0, failed.get("global_step", 0) - next_.get("started_step", 0)))
+        summary = {"supervisor/restarts": len(self.attempts) - 1, "supervisor/downtime_s": downtime,
+                   "supervisor/downtime_s_total": sum(downtime), "supervisor/steps_redone": redone,
+                   "supervisor/attempts": self.attempts}
+        metrics_path = self.run_dir / "metrics.json"
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except (OSError, ValueError):
+            metrics = {}
+        metrics.update(summary)
+        tmp = metrics_path.with_name(".metrics.json.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
+        os.replace(tmp, metrics_path)
+        if len(self.attempts) > 1:
+            print(f"supervisor: finished after {len(self.attempts) - 1} restart(s); downtime "
+                  f"{sum(downtime):.1f} s, steps redone {sum(redone)}", file=sys.stderr, flush=True)

@@ -1,0 +1,101 @@
+"""Surviving killed processes inside a running job: MPI's User-Level Failure Mitigation (ULFM).
+
+Under ``mpirun --with-ft ulfm`` and with errors returned instead of fatal, a process that dies
+makes the others' next collective fail with ``ERR_PROC_FAILED`` within about a second. Then
+the survivors revoke the communicator (so every pending operation on it fails too, on every
+survivor), agree on who is left and shrink it to a working communicator of the survivors.
+
+Two traps: a collective can succeed on some survivors and fail on others, so after every
+operation that matters the survivors *agree* (``Comm.Agree``, itself fault-tolerant) on whether
+it succeeded everywhere; and a process that leaves without a signal and without finalising MPI
+is never reported as failed, so the others would wait forever: a watchdog ends the job when an
+operation has waited longer than ``timeout``, for the supervisor to restart it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from mpi4py import MPI
+
+from lightning_xd.comm import Communicator
+
+_FAILURE_CLASSES = {MPI.ERR_PROC_FAILED, MPI.ERR_REVOKED, getattr(MPI, "ERR_PROC_FAILED_PENDING", MPI.ERR_PROC_FAILED)}
+HANG_EXIT_CODE = 75
+
+
+class ProcessFailure(Exception):
+    """A process of the communicator has failed (or the communicator was revoked because of one)."""
+
+
+def available() -> bool:
+    """True when the job was started with ULFM enabled (``mpirun --with-ft ulfm``)."""
+    return os.environ.get("XD_FAULT_TOLERANCE") == "ulfm"
+
+
+def enable(comm: Communicator) -> None:
+    """Return errors from MPI calls on ``comm`` (and communicators derived from it) instead of aborting."""
+    comm.mpi.Set_errhandler(MPI.ERRORS_RETURN)
+
+
+class Watchdog:
+    """Ends the job when one communication has waited longer than ``timeout`` seconds."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._since: Optional[float] = None
+        self._what = ""
+        thread = threading.Thread(target=self._watch, name="collective-watchdog", daemon=True)
+        thread.start()
+
+    @contextmanager
+    def watching(self, what: str) -> Iterator[None]:
+        self._since, self._what = time.monotonic(), what
+        try:
+            yield
+        finally:
+            self._since = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            since = self._since
+            if since is not None and time.monotonic() - since > self.timeout:
+                print(f"error: {self._what} has waited over {self.timeout:.0f} s: a process is gone without being "
+                      "reported or has hung; ending the job so that it can be restarted from its checkpoint",
+                      file=sys.stderr, flush=True)
+                os._exit(HANG_EXIT_CODE)
+
+
+@contextmanager
+def detect(watchdog: Optional[Watchdog] = None, what: str = "a collective") -> Iterator[None]:
+    """Turn MPI's process-failure errors into ProcessFailure (and watch for hangs)."""
+    try:
+        if watchdog is None:
+            yield
+        else:
+            with watchdog.watching(what):
+                yield
+    except MPI.Exception as err:
+        if err.Get_error_class() in _FAILURE_CLASSES:
+            raise ProcessFailure(str(err)) from None
+        raise
+
+
+def agree(comm: Communicator) -> None:
+    """Raise ProcessFailure on every survivor unless every process of ``comm`` got here."""
+    comm.mpi.Agree(1)
+
+
+def shrink(comm: Communicator) -> tuple[Communicator, list[int]]:
+    """The survivors' new communicator, and the ranks (in ``comm``) that were lost."""
+    comm.mpi.Revoke()
+    survivors = comm.mpi.Shrink()
+    survivors.Set_errhandler(MPI.ERRORS_RETURN)
+    lost_group = MPI.Group.Difference(comm.mpi.Get_group(), survivors.Get_group())
+    lost = MPI.Group.Translate_ranks(lost_group, list(range(lost_group.Get_size())), comm.mpi.Get_group())
+    return Communicator(survivors), [int(r) for r in lost]

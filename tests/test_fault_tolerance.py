@@ -1,0 +1,131 @@
+"""Fault tolerance: verified checkpoints, resume, in-job recovery (ULFM), supervisor restarts."""
+import collections
+import glob
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_script
+from lightning_xd.checkpoints import CheckpointStore
+from lightning_xd.runner import choose_checkpoint
+
+ULFM = {"XD_FAULT_TOLERANCE": "ulfm"}
+
+
+def trained_samples(out: Path) -> list[dict]:
+    return [json.loads(line) for f in glob.glob(str(out / "samples-*.jsonl")) for line in open(f)]
+
+
+def assert_each_sample_once_per_epoch(rows: list[dict], size: int, epochs: int) -> None:
+    for epoch in range(epochs):
+        counts = collections.Counter(i for r in rows if r["epoch"] == epoch for i in r["index"])
+        assert sorted(counts) == list(range(size)), f"epoch {epoch}: missing {set(range(size)) - set(counts)}"
+        assert max(counts.values()) == 1, f"epoch {epoch}: repeated {[i for i, c in counts.items() if c > 1]}"
+
+
+def test_killed_rank_is_survived_inside_the_job(mpirun, tmp_path):
+    """3 ranks, one SIGKILLed mid-epoch: the job finishes on 2 without restart, every sample of every
+    epoch trained on exactly once, and the final loss close to an undisturbed run's."""
+    hit, calm = tmp_path / "hit", tmp_path / "calm"
+    mpirun(3, "train_tiny_ft.py", str(hit), "3", "kill:rank=1,step=3", mpirun_args=["--with-ft", "ulfm"], env=ULFM,
+           timeout=240)
+    mpirun(3, "train_tiny_ft.py", str(calm), "3", timeout=240)
+    result, undisturbed = torch.load(hit / "result.pt"), torch.load(calm / "result.pt")
+    assert result["world"] == 2 and (hit / "COMPLETED").exists()
+    event = result["summary"]["fault/recovery_events"][0]
+    assert event["lost_ranks"] == [1] and event["world_before"] == 3 and event["world_after"] == 2
+    assert_each_sample_once_per_epoch(trained_samples(hit), size=30, epochs=3)
+    # the survivors take more, smaller steps after the loss: the final loss may be lower, not much higher
+    assert result["final"]["val/loss_sum"] <= 1.25 * undisturbed["final"]["val/loss_sum"]
+
+
+def test_resume_on_fewer_processes_reshards_the_rest_of_the_epoch(mpirun, tmp_path):
+    out = tmp_path / "run"
+    mpirun(2, "train_tiny_ft.py", str(out), "2", "kill:rank=1,step=5", check=False, timeout=240)
+    assert not (out / "result.pt").exists()
+    mpirun(1, "train_tiny_ft.py", str(out), "2", env={"XD_ATTEMPT": "1"}, timeout=240)
+    rows = trained_samples(out)
+    resumed_at = max(r["step"] for r in rows if r["world"] == 2 and r["step"] <= 4)  # the last checkpoint (every 2)
+    kept = [r for r in rows if r["world"] == 1 or r["step"] <= resumed_at]  # steps after it were redone
+    assert_each_sample_once_per_epoch(kept, size=30, epochs=2)
+    assert torch.load(out / "result.pt")["world"] == 1
+
+
+def _final_state(run_dir: Path) -> dict:
+    newest = CheckpointStore(run_dir / "checkpoints").newest_verified()
+    return torch.load(newest[0], weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("strategy, nprocs", [("single", "1"), ("mpi", "2")])
+def test_supervisor_restart_ends_bit_identical(train, tiny_data, tmp_path, strategy, nprocs):
+    common = ["--model", "gcn", "--strategy", strategy, "--nprocs", nprocs, "--max-epochs", "3", "--batch-size", "3",
+              "--ckpt-every-steps", "2", "--fault-tolerance", "none", "--data-dir", str(tiny_data)]
+    calm = train(*common, "--run-dir", str(tmp_path / "calm"))
+    assert calm.returncode == 0, calm.stderr[-2000:]
+    hit = train(*common, "--run-dir", str(tmp_path / "hit"), "--max-restarts", "2",
+                "--inject-fault", f"kill:rank={int(nprocs) - 1},step=7")
+    assert hit.returncode == 0, hit.stderr[-3000:]
+    assert "restarting" in hit.stderr and "resuming from" in hit.stdout
+    metrics = json.loads((tmp_path / "hit" / "metrics.json").read_text())
+    assert metrics["supervisor/restarts"] == 1 and metrics["supervisor/steps_redone"][0] >= 1
+    calm_state, hit_state = _final_state(tmp_path / "calm"), _final_state(tmp_path / "hit")
+    for name, value in calm_state.items():
+        assert torch.equal(hit_state[name], value), name
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(train, tiny_data, tmp_path):
+    common = ["--model", "gcn", "--max-epochs", "2", "--batch-size", "3", "--ckpt-every-steps", "2",
+              "--background-checkpoints", "false", "--data-dir", str(tiny_data), "--run-dir", str(tmp_path / "run")]
+    hit = train(*common, "--inject-fault", "during-checkpoint:rank=0,step=4")
+    assert hit.returncode != 0
+    store = CheckpointStore(tmp_path / "run" / "checkpoints")
+    assert [m["global_step"] for m in store.manifests()] == [2]  # step 4 was written, never committed
+    assert list(store.folder.glob(".step-000000004.ckpt.tmp"))
+    again = train(*common, env={"XD_ATTEMPT": "1"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stdout and "step-000000002.ckpt (step 2" in again.stdout
+
+
+def _fake_checkpoints(folder: Path, steps: list[int]) -> CheckpointStore:
+    store = CheckpointStore(folder)
+    for step in steps:
+        name = f"step-{step:09d}"
+        torch.save({"state_dict": {"w": torch.full((3,), float(step))}, "global_step": step},
+                   store.temporary_path(name))
+        store.commit(name, {"global_step": step, "epoch": 0})
+    return store
+
+
+def test_corrupt_and_truncated_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
+    store = _fake_checkpoints(tmp_path / "checkpoints", [10, 20, 30])
+    newest = store.folder / "step-000000030.ckpt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    middle = store.folder / "step-000000020.ckpt"
+    middle.write_bytes(middle.read_bytes()[:100])
+    chosen = choose_checkpoint("auto", tmp_path)
+    out = capsys.readouterr().out
+    assert chosen.endswith("step-000000010.ckpt")
+    assert "skipping checkpoint step-000000030.ckpt: checksum mismatch" in out
+    assert "skipping checkpoint step-000000020.ckpt" in out and "truncated" in out
+
+
+def test_finished_run_starts_afresh_and_keeps_old_checkpoints_aside(tmp_path, capsys):
+    _fake_checkpoints(tmp_path / "checkpoints", [5])
+    (tmp_path / "COMPLETED").write_text("done\n")
+    assert choose_checkpoint("auto", tmp_path) is None
+    assert not (tmp_path / "COMPLETED").exists()
+    assert len(list(tmp_path.glob("checkpoints-*/step-000000005.ckpt"))) == 1
+    assert "starting afresh" in capsys.readouterr().out
+
+
+def test_garbage_resume_path_is_a_one_line_error(tiny_data, tmp_path, capsys):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    code = train_script.main(["--model", "gcn", "--resume", str(garbage), "--data-dir", str(tiny_data),
+                              "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is not a readable checkpoint" in err, err
