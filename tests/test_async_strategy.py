@@ -67,10 +67,13 @@ def test_training_converges(mpirun, tmp_path):
 
 
 def test_checkpoint_resumes_server_version_and_parameters(mpirun, tmp_path):
+    from lightning_xd.checkpoints import CheckpointStore
+
     first = tmp_path / "first"
     mpirun(2, "train_tiny_async.py", str(first), "1", "4")
-    checkpoint = first / "checkpoints" / "async-server.ckpt"
+    checkpoint, manifest = CheckpointStore(first / "checkpoints").newest_verified()
     saved = torch.load(checkpoint, weights_only=False)
+    assert manifest["global_step"] == 8 and manifest["strategy"] == "AsyncStaleGradientStrategy"
     assert saved["async_server"]["version"] == 8 and saved["optimizer_states"]
     longer = tmp_path / "longer"  # one more epoch: the version goes on from 8, from the saved parameters
     mpirun(2, "train_tiny_async.py", str(longer), "2", "4", "-", str(checkpoint))
@@ -97,4 +100,4 @@ def test_gcn_with_async_through_train_py(train, tiny_data, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 30 and metrics["async/staleness_max"] <= 2
     assert metrics["test/acc"] >= 0.8
-    assert (run / "checkpoints" / "async-server.ckpt").is_file()
+    assert json.loads((run / "checkpoints" / "step-000000030.json").read_text())["kind"] == "end"

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 import strategies  # noqa: F401  (registers the names)
-from lightning_xd.callbacks import StragglerDelay, parse_straggler
+from lightning_xd.callbacks import FaultTolerantCheckpoint, StragglerDelay, parse_straggler
+from lightning_xd.checkpoints import VerifiedCheckpointIO
 from lightning_xd.registry import STRATEGIES
 from tiny_models import TinyData, TinyRegressor
 
@@ -30,10 +31,12 @@ class RecordSteps(Callback):
 
 strategy = STRATEGIES.build("async", {"staleness": staleness})
 model, data, record = TinyRegressor(), TinyData(), RecordSteps()
-callbacks = [record] + ([StragglerDelay(*parse_straggler(straggler))] if straggler else [])
+callbacks = [record, FaultTolerantCheckpoint(out / "checkpoints")]
+callbacks += [StragglerDelay(*parse_straggler(straggler))] if straggler else []
 trainer = Trainer(strategy=strategy, accelerator="cpu", max_epochs=max_epochs, logger=False,
                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                  default_root_dir=str(out), callbacks=callbacks, log_every_n_steps=1)
+                  default_root_dir=str(out), callbacks=callbacks, log_every_n_steps=1,
+                  plugins=[VerifiedCheckpointIO()])
 initial = trainer.validate(model, data, verbose=False)[0]
 trainer.fit(model, data, ckpt_path=ckpt_path)
 final = trainer.validate(model, data, verbose=False)[0]
