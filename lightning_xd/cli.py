@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a collective may wait before it counts as a failure (watchdog)")
     ft.add_argument("--max-restarts", type=int, default=0,
                     help="relaunch a job that ended without finishing, from its last checkpoint")
-    ft.add_argument("--min-nprocs", type=int, help="fewest processes a relaunch may run on (default: --nprocs)")
+    ft.add_argument("--min-nprocs", type=int, help="fewest processes a relaunch may run on (default 1)")
     ft.add_argument("--inject-fault", metavar="MODE:rank=R,step=S",
                     help="kill | exit | hang | during-checkpoint, for testing recovery")
     files = p.add_argument_group("files")

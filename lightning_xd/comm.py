@@ -145,9 +145,15 @@ class Communicator:
         return Communicator(self.mpi.Split(color, self.rank if key is None else key))
 
     def local(self) -> "Communicator":
-        """Sub-communicator of the ranks on this host (shared memory); made once, on first call."""
+        """Sub-communicator of the ranks on this host; made once, on first call.
+
+        Hosts are told apart by name and network hardware addresses, not by MPI's shared-memory
+        split: that one waits on the runtime's locality data, which emulated hosts (network
+        namespaces on one machine) never deliver, and it would group them as one host anyway.
+        """
         if self._local is None:
-            self._local = Communicator(self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank))
+            keys = self.allgather_object(_host_key())
+            self._local = self.split(color=sorted(set(keys)).index(keys[self.rank]))
         return self._local
 
     def barrier(self) -> None:
@@ -294,6 +300,19 @@ class Communicator:
 
     def allgather_object(self, obj: Any) -> list:
         return self.mpi.allgather(obj)
+
+
+def _host_key() -> str:
+    import glob
+    import socket
+
+    addresses = []
+    for path in glob.glob("/sys/class/net/*/address"):
+        try:
+            addresses.append(open(path).read().strip())
+        except OSError:
+            pass
+    return socket.gethostname() + "|" + ",".join(sorted(a for a in addresses if a.strip("0:")))
 
 
 def wait_all(handles: list[Handle]) -> list:

@@ -73,7 +73,7 @@ class Supervisor:
                  launch_agent: Optional[str], max_restarts: int, min_nprocs: Optional[int], ulfm: bool):
         self.script, self.argv, self.run_dir = script, list(argv), Path(run_dir)
         self.nprocs, self.hostfile, self.launch_agent = nprocs, hostfile, launch_agent
-        self.max_restarts, self.min_nprocs, self.ulfm = max_restarts, min_nprocs or nprocs, ulfm
+        self.max_restarts, self.min_nprocs, self.ulfm = max_restarts, min_nprocs or 1, ulfm
         self.attempts: list[dict] = []
 
     def _command(self, env: dict[str, str]) -> list[str]:

@@ -129,3 +129,47 @@ def test_garbage_resume_path_is_a_one_line_error(tiny_data, tmp_path, capsys):
                               "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "is not a readable checkpoint" in err, err
+
+
+def test_killed_host_is_survived_by_the_supervisor(tiny_data, tmp_path):
+    """Three emulated hosts (network namespaces); one dies with its daemon mid-run; the supervisor
+    relaunches on the two that still answer and the run finishes, re-sharded over them."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, _env
+    from netns_hosts import EmulatedHosts, netns_permitted
+
+    permitted, why = netns_permitted()
+    if not permitted:
+        pytest.skip(f"emulated hosts unavailable: {why}")
+    hosts = EmulatedHosts(3, tmp_path)
+    run_dir = tmp_path / "run"
+    env = {**_env(tmp_path), **hosts.mpi_environment()}
+    cmd = [sys.executable, str(REPO / "train.py"), "--model", "gcn", "--strategy", "mpi", "--nprocs", "3",
+           "--hostfile", str(hosts.hostfile()), "--launch-agent", str(hosts.agent), "--max-restarts", "2", "--min-nprocs", "2",
+           "--max-epochs", "12", "--batch-size", "2", "--ckpt-every-steps", "2", "--fault-tolerance", "none",
+           "--data-dir", str(tiny_data), "--run-dir", str(run_dir)]
+    try:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            progress = run_dir / "progress.json"
+            if progress.exists() and json.loads(progress.read_text() or "{}").get("global_step", 0) >= 6:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training ended before the host could be killed"
+        hosts.kill_host(1)
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err[-3000:]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["supervisor/restarts"] == 1 and metrics["world_size"] == 2
+        assert (run_dir / "hostfile.attempt-1").read_text().count("slots=") == 2
+        assert "resuming from" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        hosts.close()
+        assert os.system("ip netns list | grep -q xdh") != 0, "namespaces left behind"
