@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--log-every-n-steps", type=int, default=10)
     how.add_argument("--straggler-delay", metavar="RANK:SECONDS",
                      help="sleep this long after every training step of that rank (straggler experiments)")
+    how.add_argument("--dashboard-every", type=int, default=50,
+                     help="render the OpenCV dashboard every N steps (0: only at the end)")
+    how.add_argument("--dashboard-video", action="store_true", help="also record the dashboard as an MP4")
     ft = p.add_argument_group("fault tolerance")
     ft.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N optimizer steps")
     ft.add_argument("--ckpt-every-seconds", type=float, help="also checkpoint every T seconds")

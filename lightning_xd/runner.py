@@ -208,7 +208,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     callbacks = [StragglerDelay(*parse_straggler(args.straggler_delay))] if args.straggler_delay else []
     resume_from = _checkpoint_to_resume(args, run_dir)
     ft_callbacks = _fault_tolerance_callbacks(args, run_dir)
-    trainer = build_trainer(settings, strategy, [*callbacks, summary, *ft_callbacks])
+    from lightning_xd.viz import TrainingDashboard
+
+    dashboard = TrainingDashboard(run_dir, args.dashboard_every, args.dashboard_video)
+    trainer = build_trainer(settings, strategy, [*callbacks, summary, dashboard, *ft_callbacks])
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     totals = {**summary.totals(trainer), **checkpoint_overhead(ft_callbacks[0], summary)}
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)

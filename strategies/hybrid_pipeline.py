@@ -167,7 +167,8 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         idle = sum(t.idle_fraction for t in steps) / max(1, len(steps))
         own_params = sum(p.numel() for m in self.own_modules for p in m.parameters())
         per_rank = self.comm.allgather_object({
-            "bubble": idle, "params": own_params, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            "bubble": idle, "params": own_params, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "timeline": self.runner.recorded[-1].timeline if self.runner.recorded else []})
         total_params = sum(r["params"] for r in per_rank[: self.stages])
         p, m = self.stages, self.microbatches
         self._summary = {
@@ -179,7 +180,7 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
             "pipeline/params_total": total_params,
             "pipeline/param_fraction_max": max(r["params"] for r in per_rank) / max(1, total_params),
             "pipeline/peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
-            "pipeline/timeline_last_step": self.runner.recorded[-1].timeline if self.runner.recorded else [],
+            "pipeline/timelines": {r: info["timeline"] for r, info in enumerate(per_rank)},
         }
         logger = self.lightning_module.trainer.logger
         if logger is not None:

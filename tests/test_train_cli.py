@@ -34,8 +34,9 @@ def test_two_processes_train_log_and_test(train, tiny_data, tmp_path, strategy):
     assert metrics["samples_per_s"] > 0 and metrics["epoch_time_s_mean"] > 0
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))  # fit, then test
     assert len({e.name.split(".")[-2] for e in events}) == 1, "only rank 0 writes TensorBoard logs"
-    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
-    assert {"train/loss", "val/acc", "test/acc", "perf/rank_samples_per_s"} <= set(tags)
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()
+    assert {"train/loss", "val/acc", "test/acc", "perf/rank_samples_per_s"} <= set(tags["scalars"])
+    assert "dashboard" in tags["images"] and (run_dir / "dashboard.png").stat().st_size > 10_000
     assert proc.stdout.count("Test metric") == 1, "only rank 0 prints"
 
 
