@@ -22,6 +22,16 @@ def _env(tmp: Path, extra: dict | None = None) -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Tests that run train.main in process must not leak what it sets (``seed_everything`` exports
+    PL_GLOBAL_SEED) into the subprocesses of later tests, whose references assume a clean environment."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A data dir laid out like ../shared/data, with small generated files."""

@@ -21,6 +21,7 @@ class ProgressMarker(Callback):
 
     def _write(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # fast_dev_run has no logger to create the run dir
         tmp.write_text(json.dumps(self.state))
         os.replace(tmp, self.path)
         self._written = time.monotonic()
