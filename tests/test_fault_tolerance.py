@@ -65,7 +65,7 @@ def test_supervisor_restart_ends_bit_identical(train, tiny_data, tmp_path, strat
     calm = train(*common, "--run-dir", str(tmp_path / "calm"))
     assert calm.returncode == 0, calm.stderr[-2000:]
     hit = train(*common, "--run-dir", str(tmp_path / "hit"), "--max-restarts", "2",
-                "--inject-fault", f"kill:rank={int(nprocs) - 1},step=7")
+                "--inject-fault", f"kill:rank={int(nprocs) - 1},step=9")  # mid-epoch for both
     assert hit.returncode == 0, hit.stderr[-3000:]
     assert "restarting" in hit.stderr and "resuming from" in hit.stdout
     metrics = json.loads((tmp_path / "hit" / "metrics.json").read_text())

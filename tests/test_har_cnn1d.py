@@ -1,0 +1,144 @@
+"""1D CNN on HAPT windows: windowing, the split by person, rotations, train.py runs with latency, errors."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import train as train_script
+from datamodules import har
+from datamodules.har import HARDataModule, random_rotation
+from generators.hapt import GAP, SEGMENT, write_hapt
+
+TRAIN_USERS, TEST_USERS, VAL_USER = (1, 3, 5, 6, 7, 8), (2, 4, 9, 10), 8
+WINDOWS_PER_SEGMENT = (SEGMENT - 128) // 64 + 1
+
+
+@pytest.fixture(scope="module")
+def hapt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hapt_data")
+    write_hapt(root)
+    return root
+
+
+def _datamodule(root, tmp_path, **options):
+    dm = HARDataModule(str(root), str(tmp_path / "cache"), **options)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def _users(dataset) -> set:
+    return set(dataset.users.tolist())
+
+
+def test_no_test_user_in_training_or_validation(hapt, tmp_path):
+    dm = _datamodule(hapt, tmp_path)
+    assert _users(dm.train_set) == set(TRAIN_USERS) - {VAL_USER}
+    assert _users(dm.val_set) == {VAL_USER}
+    assert _users(dm.test_set) == set(TEST_USERS)
+    assert _users(dm.test_set).isdisjoint(_users(dm.train_set) | _users(dm.val_set))
+    other = _datamodule(hapt, tmp_path, val_user=3)
+    assert _users(other.val_set) == {3} and 3 not in _users(other.train_set)
+
+
+def test_windows_lie_inside_basic_activity_segments(hapt, tmp_path):
+    dm = _datamodule(hapt, tmp_path)
+    windows, labels, users = dm.data["windows"], dm.data["labels"], dm.data["users"]
+    assert windows.shape[1:] == (6, 128) and windows.dtype == torch.float32
+    # every user: each of the six activities once, transitions (7) and the absent experiment skipped
+    assert len(labels) == 10 * 6 * WINDOWS_PER_SEGMENT
+    assert torch.equal(torch.bincount(labels), torch.full((6,), 10 * WINDOWS_PER_SEGMENT))
+    assert torch.equal(torch.bincount(users, minlength=11)[1:], torch.full((10,), 6 * WINDOWS_PER_SEGMENT))
+    # the first window of user 1 is samples GAP .. GAP+127 of its files, acc then gyro, 50% overlap after
+    acc = np.loadtxt(hapt / "hapt_har" / "RawData" / "acc_exp01_user01.txt", dtype=np.float32)
+    gyro = np.loadtxt(hapt / "hapt_har" / "RawData" / "gyro_exp01_user01.txt", dtype=np.float32)
+    signal = torch.from_numpy(np.concatenate([acc, gyro], axis=1).T)
+    first = torch.nonzero(users == 1)[0].item()
+    assert labels[first] == 0
+    assert torch.equal(windows[first], signal[:, GAP:GAP + 128])
+    assert torch.equal(windows[first + 1], signal[:, GAP + 64:GAP + 192])
+    assert dm.model_kwargs() == {"in_channels": 6, "num_classes": 6}
+
+
+def test_windowing_is_cached(hapt, tmp_path, monkeypatch):
+    _datamodule(hapt, tmp_path)
+    monkeypatch.setattr(har, "read_signal", lambda path: pytest.fail("windowed again"))
+    assert len(_datamodule(hapt, tmp_path).test_set) == 4 * 6 * WINDOWS_PER_SEGMENT
+
+
+def test_rotation_turns_both_sensors_alike(hapt, tmp_path):
+    rotation = random_rotation(45.0)
+    assert torch.allclose(rotation @ rotation.T, torch.eye(3), atol=1e-5)
+    assert torch.det(rotation).item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.rad2deg(torch.arccos((torch.trace(rotation) - 1) / 2)).item() <= 45.0 + 1e-3
+    dm = _datamodule(hapt, tmp_path, max_rotation_deg=180.0)
+    window, _ = dm.train_set[0]
+    original = dm.train_set.windows[0]
+    assert not torch.allclose(window, original)
+    acc, gyro = window.split(3)
+    acc0, gyro0 = original.split(3)
+    assert torch.allclose(acc.norm(dim=0), acc0.norm(dim=0), atol=1e-5)  # lengths kept
+    assert torch.allclose((acc * gyro).sum(0), (acc0 * gyro0).sum(0), atol=1e-5)  # one rotation for both
+    assert torch.equal(dm.val_set[0][0], dm.val_set.windows[0]) and torch.equal(dm.test_set[0][0],
+                                                                                 dm.test_set.windows[0])
+
+
+@pytest.mark.parametrize("strategy, nprocs", [("single", "1"), ("mpi", "2")])
+def test_fast_dev_run_reports_latency(train, hapt, tmp_path, strategy, nprocs):
+    proc = train("--model", "cnn1d", "--strategy", strategy, "--nprocs", nprocs, "--fast-dev-run",
+                 "--data-dir", str(hapt), "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == int(nprocs) and metrics["data"] == "har"
+    assert 0 <= metrics["test/acc"] <= 1
+    assert 0 < metrics["test/latency_ms_p50"] <= metrics["test/latency_ms_p95"]
+
+
+def _one_line_error(capsys, *argv):
+    code = train_script.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def _broken_copy(hapt, tmp_path):
+    broken = tmp_path / "data"
+    shutil.copytree(hapt, broken)
+    return broken, broken / "hapt_har" / "RawData"
+
+
+def _har_error(capsys, data_dir, tmp_path, *flags):
+    return _one_line_error(capsys, "--model", "cnn1d", "--data-dir", str(data_dir),
+                           "--cache-dir", str(tmp_path / "c"), *flags)
+
+
+def test_missing_files(capsys, hapt, tmp_path):
+    assert "missing labels.txt" in _har_error(capsys, tmp_path / "empty", tmp_path)
+    data, raw = _broken_copy(hapt, tmp_path)
+    (raw / "gyro_exp04_user04.txt").unlink()
+    assert "missing gyro_exp04_user04.txt" in _har_error(capsys, data, tmp_path)
+    for signal in raw.glob("*_exp*"):
+        signal.unlink()
+    assert "no acc_expXX_userYY.txt" in _har_error(capsys, data, tmp_path)
+
+
+def test_malformed_files_are_named(capsys, hapt, tmp_path):
+    data, raw = _broken_copy(hapt, tmp_path)
+    with open(raw / "acc_exp02_user02.txt", "a") as f:
+        f.write("0.1 oops 0.3\n")
+    err = _har_error(capsys, data, tmp_path)
+    assert "acc_exp02_user02.txt" in err and "not a HAPT raw signal" in err
+    shutil.copy(hapt / "hapt_har" / "RawData" / "acc_exp02_user02.txt", raw)
+    (raw / "labels.txt").write_text("1 1 5 250\n")
+    assert "not HAPT's labels.txt" in _har_error(capsys, data, tmp_path)
+    (raw / "labels.txt").write_text(f"1 1 5 1 {10 ** 6}\n")
+    assert "outside the recording" in _har_error(capsys, data, tmp_path)
+
+
+def test_bad_user_settings(capsys, hapt, tmp_path):
+    assert "share user(s) [4]" in _har_error(capsys, hapt, tmp_path, "--train-users", "1,3,4", "--val-user", "1")
+    assert "--val-user 2 must be one of" in _har_error(capsys, hapt, tmp_path, "--val-user", "2")
+    assert "user ids separated by commas" in _har_error(capsys, hapt, tmp_path, "--test-users", "two")
+    assert "no windows of user(s) 11" in _har_error(capsys, hapt, tmp_path, "--test-users", "2,11")
