@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft = p.add_argument_group("fault tolerance")
     ft.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N optimizer steps")
     ft.add_argument("--ckpt-every-seconds", type=float, help="also checkpoint every T seconds")
+    ft.add_argument("--ckpt-min-seconds", type=float, default=10.0,
+                    help="skip an epoch-end checkpoint while the newest one is younger than this")
     ft.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (every epoch end is one)")
     ft.add_argument("--background-checkpoints", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                     metavar="true|false", help="write checkpoints from a snapshot in a background thread")

@@ -94,7 +94,9 @@ class GradientBuckets:
         size = self.comm.size
         with torch.no_grad():
             for bucket in self.buckets:
-                flat = bucket.handle.wait().div_(size)
+                # polling with short sleeps: a process waiting for a slower peer leaves the core to this
+                # host's other threads (checkpoint writer, logger) instead of spinning in MPI_Wait
+                flat = bucket.handle.wait(yield_cpu=True).div_(size)
                 for p, averaged in zip(bucket.params, bucket.layout.slices(flat)):
                     if p.grad is None:
                         p.grad = averaged.clone()

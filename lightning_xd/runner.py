@@ -140,7 +140,8 @@ def _checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> Optional[s
 def _fault_tolerance_callbacks(args: argparse.Namespace, run_dir: Path) -> list:
     from lightning_xd.callbacks import FaultInjector, FaultTolerantCheckpoint, ProgressMarker, parse_fault
 
-    callbacks = [FaultTolerantCheckpoint(run_dir / "checkpoints", args.ckpt_every_steps, args.ckpt_every_seconds),
+    callbacks = [FaultTolerantCheckpoint(run_dir / "checkpoints", args.ckpt_every_steps, args.ckpt_every_seconds,
+                                         args.ckpt_min_seconds),
                  ProgressMarker(run_dir / "progress.json")]
     if args.inject_fault:
         callbacks.append(FaultInjector(parse_fault(args.inject_fault)))

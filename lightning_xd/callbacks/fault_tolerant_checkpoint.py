@@ -1,11 +1,13 @@
 """Checkpoints that survive the failures they are for (``--ckpt-every-steps``, ``--ckpt-every-seconds``).
 
-Saved every N steps and/or T seconds and at every epoch end, through Lightning's own
+Saved every N steps and/or T seconds, at epoch ends and when training ends, through Lightning's own
 ``trainer.save_checkpoint`` (so model, optimizer and LR-scheduler state, loop progress, the
 training loader's position inside the epoch, callback and datamodule state all use Lightning's
 hooks). The strategy's checkpoint IO (``VerifiedCheckpointIO``, in the background behind
 Lightning's ``AsyncCheckpointIO`` by default) writes them atomically with a sha256 manifest and
-keeps the last K. This callback's own state is every process's random-number-generator state,
+keeps the last K. An epoch end is skipped while the newest checkpoint is younger than
+``min_seconds``: epochs of one or a few steps (a full-graph GCN, the ECG autoencoder) would
+otherwise spend more time checkpointing than training. This callback's own state is every process's random-number-generator state,
 so a resumed run draws the same dropout masks as an uninterrupted one.
 """
 from __future__ import annotations
@@ -40,26 +42,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class FaultTolerantCheckpoint(Checkpoint):
     def __init__(self, dirpath: str | Path, every_n_steps: Optional[int] = None,
-                 every_n_seconds: Optional[float] = None):
+                 every_n_seconds: Optional[float] = None, min_seconds: float = 0.0):
         self.store = CheckpointStore(dirpath)
-        self.every_n_steps, self.every_n_seconds = every_n_steps, every_n_seconds
+        self.every_n_steps, self.every_n_seconds, self.min_seconds = every_n_steps, every_n_seconds, min_seconds
         self._last_save = time.monotonic()
         self._last_step_saved = -1
         self._kind = "step"
         self.save_seconds: list[float] = []  # how long each save stalled training
 
     # ---- when ---------------------------------------------------------------------------------
-    def _due(self, step: int) -> bool:
-        by_steps = bool(self.every_n_steps) and step % self.every_n_steps == 0
-        by_time = bool(self.every_n_seconds) and time.monotonic() - self._last_save >= self.every_n_seconds
-        return by_steps or by_time
+    def _due(self, trainer) -> bool:
+        by_steps = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
+        return by_steps or (bool(self.every_n_seconds) and self._older_than(trainer, self.every_n_seconds))
+
+    def _older_than(self, trainer, seconds: float) -> bool:
+        """Whether the newest checkpoint is older than ``seconds``, by the first process's clock: every
+        process must decide alike, since saving is collective."""
+        older = time.monotonic() - self._last_save >= seconds
+        if trainer.world_size > 1 and not getattr(trainer.strategy, "saves_own_checkpoints", False):
+            older = bool(trainer.strategy.broadcast(older, src=0))
+        return older
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._due(trainer.global_step):
+        if self._due(trainer):
             self.save(trainer, "step")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.save(trainer, "epoch")
+        if self._older_than(trainer, self.min_seconds):
+            self.save(trainer, "epoch")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer, "end")  # the final state, whatever the epoch-end throttle skipped
 
     # ---- how ----------------------------------------------------------------------------------
     def save(self, trainer, kind: str) -> None:
