@@ -20,10 +20,21 @@ count on every rank) or, for a single sensor, its own contiguous stretch of time
 ``batch_size`` consecutive time steps of all the rank's sensors, so no batch trains on a reading
 another batch still has to forecast, and every rank yields the same number of batches. The
 recording is streamed once per run: Lightning's epochs are consecutive stretches of it.
-Readings arrive in ``SensorStream.__iter__``, the place where pacing belongs.
+
+Pacing (``--stream-rate R``, readings per second; 0 replays as fast as training takes them) makes
+training run as the data arrives. A reading is one time step of the rank's own sensors: the
+values of all of them at that step (one value for a single sensor). Each rank receives its own
+readings at R per second, so a job of N ranks takes in N x R readings a second in all. The
+stream's first reading (the target of its first window; the window before it is history, there
+from the start) arrives when the rank starts reading, and every later time step t of the
+recording ``(t - first) / R`` seconds after it, gaps between files taking no time; readings of
+later epochs follow on the same clock. A batch is served once the last reading it needs (its
+last target) has arrived; if training falls behind, arrived readings wait and are served at
+once, none dropped. Only the training stream is paced: the held-out tail is scored at once.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -99,13 +110,15 @@ class SensorStream(IterableDataset):
     """Windows of ``sensors`` (S, T) ending at ``ends``, in time order; a batch = ``steps`` ends x all sensors.
 
     ``stretch()`` gives (epoch, epochs): the ends are cut into ``epochs`` equal stretches and an
-    epoch replays its own one.
+    epoch replays its own one. With ``rate`` > 0, time step t arrives ``(t - first) / rate``
+    seconds after the first reading the stream serves (``first``), on a monotonic clock.
     """
 
     def __init__(self, sensors: torch.Tensor, sensor_ids: list[int], ends: np.ndarray, window: int, steps: int,
-                 stretch: Callable[[], tuple[int, int]] = lambda: (0, 1)):
+                 stretch: Callable[[], tuple[int, int]] = lambda: (0, 1), rate: float = 0.0):
         self.sensors, self.sensor_ids, self.ends = sensors, sensor_ids, ends
-        self.window, self.steps, self.stretch = window, steps, stretch
+        self.window, self.steps, self.stretch, self.rate = window, steps, stretch, rate
+        self.clock: Optional[tuple[float, int]] = None  # (monotonic time, time step) of the first reading
 
     def _ends_of_this_epoch(self) -> np.ndarray:
         epoch, epochs = self.stretch()
@@ -119,9 +132,21 @@ class SensorStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         ends = self._ends_of_this_epoch()
+        if self.rate > 0 and self.clock is None and len(ends):
+            self.clock = (time.monotonic(), int(ends[0]) + 1)
         for first in range(0, len(ends), self.steps):
-            # the readings up to ends[first + steps - 1] + 1 have arrived: pacing would wait for them here
-            yield self._batch(ends[first:first + self.steps])
+            batch_ends = ends[first:first + self.steps]
+            if self.rate > 0:
+                self._wait_for_reading(int(batch_ends[-1]) + 1)  # the batch's last target
+            yield self._batch(batch_ends)
+
+    def _wait_for_reading(self, time_step: int) -> None:
+        """Sleep until reading ``time_step`` has arrived. Its arrival is reckoned from the first
+        reading, not from the previous wait, so the time training takes never adds up to drift."""
+        started, first = self.clock
+        arrival = started + (time_step - first) / self.rate
+        while (delay := arrival - time.monotonic()) > 0:
+            time.sleep(delay)
 
     def _batch(self, ends: np.ndarray) -> dict:
         """Windows of every sensor ending at each of ``ends``, time-major, and the readings that follow them.
@@ -143,13 +168,16 @@ class SensorStream(IterableDataset):
 class SensorStreamDataModule(LightningDataModule):
     def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 8,
                  source: str = "occupancy", window: int = 24, calibration_fraction: float = 0.1,
-                 test_fraction: float = 0.2):
+                 test_fraction: float = 0.2, stream_rate: float = 0.0):
         super().__init__()
         if source not in SOURCES:
             raise UserError(f"--source {source!r} is not one of {', '.join(SOURCES)}")
+        if stream_rate < 0:
+            raise UserError(f"--stream-rate must be readings per second (0: as fast as possible), got {stream_rate}")
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.source, self.window = source, window
         self.calibration_fraction, self.test_fraction = calibration_fraction, test_fraction
+        self.stream_rate = stream_rate
         self.recording: Optional[Recording] = None
         self.scaled: Optional[torch.Tensor] = None
         self.mean = self.std = None
@@ -209,11 +237,12 @@ class SensorStreamDataModule(LightningDataModule):
         segment = self.recording.segment
         return ends[segment[ends - self.window + 1] == segment[ends + 1]]
 
-    def _stream(self, name: str, stretch: Callable[[], tuple[int, int]] = lambda: (0, 1)) -> SensorStream:
+    def _stream(self, name: str, stretch: Callable[[], tuple[int, int]] = lambda: (0, 1),
+                rate: float = 0.0) -> SensorStream:
         rank, num_shards = rank_shard(self.trainer)
         sensor_ids, ends = self.shard(self._stretches(self.recording)[name], rank, num_shards)
         steps = max(1, self.batch_size // len(sensor_ids))  # whole time steps: all sensors forecast together
-        return SensorStream(self.scaled, sensor_ids, ends, self.window, steps, stretch)
+        return SensorStream(self.scaled, sensor_ids, ends, self.window, steps, stretch, rate)
 
     def _epoch_stretch(self) -> tuple[int, int]:
         """(this epoch, number of epochs): the stream is cut into one stretch per epoch, never replayed."""
@@ -223,7 +252,7 @@ class SensorStreamDataModule(LightningDataModule):
         return min(self.trainer.current_epoch, epochs - 1), epochs
 
     def train_dataloader(self) -> DataLoader:
-        stream = self._stream("stream", self._epoch_stretch)
+        stream = self._stream("stream", self._epoch_stretch, self.stream_rate)
         if len(stream) == 0:
             raise UserError(f"the {self.source} stream gives each rank {len(stream.ends)} windows: too few for "
                             f"--max-epochs {self._epoch_stretch()[1]} of --batch-size {self.batch_size}; "

@@ -1,6 +1,7 @@
 """The sensor stream on generated recordings in the real layouts: train.py end to end, windows in
-time order, disjoint shares per rank, prequential scoring and one-line data errors."""
+time order, disjoint shares per rank, pacing, prequential scoring and one-line data errors."""
 import json
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -94,6 +95,29 @@ def test_epochs_replay_consecutive_stretches_never_the_same_readings(stream_data
     epochs = [torch.cat([b["time"] for b in _batches(datamodule, epoch=e, epochs=3)]) for e in range(3)]
     assert len({len(times) for times in epochs}) == 1
     assert epochs[0].max() < epochs[1].min() and epochs[1].max() < epochs[2].min()
+
+
+@pytest.mark.parametrize("source, batch_size, rate", [("occupancy", 8, 300.0), ("intel", 12, 80.0)])
+def test_paced_stream_keeps_its_rate(stream_data, tmp_path, source, batch_size, rate):
+    """Readings (time steps of the rank's sensors) arrive at --stream-rate within 10% over ~1.4 s of
+    stream, while training on each batch takes half the time its readings take to arrive: a pacing
+    that slept a fixed interval after each batch, instead of waiting for arrival times, would fall
+    a third behind."""
+    datamodule = _datamodule(stream_data, tmp_path, source=source, window=6, batch_size=batch_size,
+                             stream_rate=rate)
+    served = []  # (when, the last reading the batch needs: its last target)
+    for batch in _rank(datamodule, 0, 1).train_dataloader():
+        served.append((time.monotonic(), int(batch["time"].max())))
+        steps = len(batch["time"]) // len(set(batch["sensor"].tolist()))
+        time.sleep(0.5 * steps / rate)  # "training" on the batch
+    (started, first), (ended, last) = served[0], served[-1]
+    assert last - first > rate  # more than a second of stream
+    assert (last - first) / (ended - started) == pytest.approx(rate, rel=0.1)
+
+
+def test_negative_stream_rate_is_one_line(capsys):
+    err = _one_line_error(capsys, "--model", "lstm", "--data", "sensor-stream", "--stream-rate", "-1")
+    assert "--stream-rate" in err
 
 
 def test_running_errors_score_each_window_before_training_on_it(stream_data, tmp_path):

@@ -60,6 +60,7 @@ class FaultTolerantCheckpoint(Checkpoint):
         process must decide alike, since saving is collective."""
         older = time.monotonic() - self._last_save >= seconds
         if trainer.world_size > 1 and not getattr(trainer.strategy, "saves_own_checkpoints", False):
+            _sync_logged_metrics(trainer)
             older = bool(trainer.strategy.broadcast(older, src=0))
         return older
 
@@ -83,9 +84,7 @@ class FaultTolerantCheckpoint(Checkpoint):
         if step == self._last_step_saved:
             return
         started = time.perf_counter()
-        # Metrics logged with sync_dist are reduced lazily, on first read; the progress bar reads them
-        # on the first process only. Reading them here, on every process, keeps the collectives in step.
-        trainer.callback_metrics
+        _sync_logged_metrics(trainer)
         self._kind = kind
         trainer.save_checkpoint(self.store.folder / f"step-{step:09d}.ckpt")
         self._last_save, self._last_step_saved = time.monotonic(), step
@@ -116,6 +115,13 @@ class FaultTolerantCheckpoint(Checkpoint):
 
     _trainer = None
     _rng_to_restore: Optional[dict] = None
+
+
+def _sync_logged_metrics(trainer) -> None:
+    """Epoch metrics logged with sync_dist are reduced lazily, on first read, and at an epoch end the
+    progress bar reads them on the first process only: reading them on every process before any
+    collective of ours keeps every process's collectives in the same order."""
+    trainer.callback_metrics
 
 
 def checkpoint_info(trainer, kind: str) -> dict[str, Any]:
