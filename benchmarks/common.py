@@ -1,16 +1,104 @@
-"""Shared by the benchmark scripts: run train.py, read its metrics.json, describe the machine."""
+"""Shared by the benchmark scripts: their common flags, re-running under mpirun, statistics of
+repetitions, the machine description and the results files.
+
+Every script runs alone (``python benchmarks/NAME.py [--quick]``): started outside an MPI job it
+re-runs itself under ``mpirun -np N``; inside one it measures. ``run_all.py`` instead runs several
+scripts' ``run(args)`` inside one job, so that each pays MPI and torch start-up once.
+"""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+
+
+class BenchmarkError(Exception):
+    """A mistake in the benchmark's flags or set-up: reported as one line, exit code 2."""
+
+
+def parser(description: str, nprocs: int, data: bool = True) -> argparse.ArgumentParser:
+    """The flags every benchmark takes; a script adds its own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes and few repetitions: seconds, checks the script")
+    p.add_argument("--nprocs", type=int, default=nprocs, help="processes of the MPI job")
+    p.add_argument("--repeats", type=int, help="repetitions behind every median (default: 5, quick: 2)")
+    p.add_argument("--results-dir", default=str(RESULTS), help="where <name>[-quick].json and .png go")
+    if data:
+        p.add_argument("--data-dir", default=os.environ.get("XD_DATA_DIR", "./data"),
+                       help="datasets, laid out as ../shared/data ($XD_DATA_DIR)")
+        p.add_argument("--cache-dir", default=os.environ.get("XD_CACHE_DIR"), help="preprocessed data ($XD_CACHE_DIR)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, full_repeats: int = 5,
+          quick_repeats: int = 2) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = quick_repeats if args.quick else full_repeats
+    if args.repeats < 1 or args.nprocs < 1:
+        p.error("--repeats and --nprocs must be at least 1")
+    return args
+
+
+def result_name(name: str, quick: bool) -> str:
+    return name + ("-quick" if quick else "")
+
+
+def main(run: Callable[[argparse.Namespace], None], parse_args: Callable[[Sequence[str]], argparse.Namespace],
+         script: str) -> None:
+    """Measure inside an MPI job; outside one, re-run ``script`` under mpirun with the same flags."""
+    argv = sys.argv[1:]
+    args = parse_args(argv)
+    from lightning_xd.launcher import in_mpi_job
+
+    try:
+        if in_mpi_job():
+            run(args)
+            return
+        sys.exit(mpirun(args.nprocs, [script, *argv]))
+    except BenchmarkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def mpirun(nprocs: int, script_argv: Sequence[str], timeout: float | None = None) -> int:
+    """Run ``python -m mpi4py SCRIPT ARGS`` on ``nprocs`` ranks (oversubscribed beyond the cores)."""
+    from lightning_xd.launcher import mpirun_command, mpirun_environment
+
+    env = mpirun_environment()
+    return subprocess.run(mpirun_command(nprocs, list(script_argv), env=env), env=env, timeout=timeout).returncode
+
+
+def check_world(comm, nprocs: int, name: str) -> None:
+    if comm.size != nprocs:
+        raise BenchmarkError(f"{name} wants --nprocs {nprocs} but this MPI job has {comm.size} processes; "
+                             f"start it without mpirun, or with mpirun -np {nprocs}")
+
+
+def stats(values: Iterable[float]) -> dict:
+    """Median, min and max of repetitions (the form every figure takes in the results)."""
+    values = [float(v) for v in values]
+    if not values:
+        return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def ratio_stats(numerators: Sequence[float], denominators: Sequence[float]) -> dict:
+    """A ratio of two quantities measured in the same repetitions: the ratio of their medians, with
+    the spread of the per-repetition ratios as min and max."""
+    per_repetition = [a / b for a, b in zip(numerators, denominators) if b]
+    return {"median": statistics.median(numerators) / statistics.median(denominators),
+            "min": min(per_repetition), "max": max(per_repetition), "n": len(per_repetition)}
 
 
 def machine() -> dict:
@@ -26,21 +114,19 @@ def machine() -> dict:
     import torch
 
     return {"cores": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "host": platform.node()}
 
 
-def train(*args: str, timeout: float = 3600) -> dict:
-    """Run ``python train.py ARGS`` in a fresh run dir; return its metrics.json."""
-    with tempfile.TemporaryDirectory(prefix="xd-bench-") as run_dir:
-        cmd = [sys.executable, str(REPO / "train.py"), *args, "--run-dir", run_dir]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
+def machine_line(info: dict) -> str:
+    return f"{info['cores']} cores, {info['cpu_model']}, torch {info['torch']}"
 
 
-def write_results(name: str, content: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+def write_results(results_dir: str | Path, name: str, content: dict) -> Path:
+    """``<results_dir>/<name>.json``, written atomically: a reader never sees half a file."""
+    folder = Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    os.replace(tmp, path)
     return path

@@ -65,11 +65,18 @@ class FaultTolerantCheckpoint(Checkpoint):
         return older
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._due(trainer):
-            self.save(trainer, "step")
+        if not self._due(trainer):
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # Validation and the epoch's end still draw random numbers after the last batch: saved here,
+            # a resumed run would replay them from the wrong state. The epoch end saves it instead.
+            self._epoch_end_due = True
+            return
+        self.save(trainer, "step")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._older_than(trainer, self.min_seconds):
+        due, self._epoch_end_due = self._epoch_end_due, False
+        if due or self._older_than(trainer, self.min_seconds):
             self.save(trainer, "epoch")
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -114,6 +121,7 @@ class FaultTolerantCheckpoint(Checkpoint):
         self._trainer = trainer
 
     _trainer = None
+    _epoch_end_due = False
     _rng_to_restore: Optional[dict] = None
 
 
