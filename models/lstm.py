@@ -154,10 +154,12 @@ class LSTMForecaster(LightningModule):
         # the forward pass of a training step runs before its optimizer step: a forecast, not a fit
         self.running_rmse.update(prediction, target)
         self.running_rmse_persistence.update(persistence, target)
-        # compute() already gathers every rank's errors, so the values need no sync_dist
-        self.log("train/running_rmse", self.running_rmse.compute(), on_step=True, on_epoch=False, batch_size=size)
-        self.log("train/running_rmse_persistence", self.running_rmse_persistence.compute(), on_step=True,
-                 on_epoch=False, batch_size=size)
+        # this rank's own running errors, from the metrics' state: compute() would gather every rank's
+        # (a collective per step, and the same curve for every rank); test/running_* gather them
+        for name, metric in (("train/running_rmse", self.running_rmse),
+                             ("train/running_rmse_persistence", self.running_rmse_persistence)):
+            self.log(name, (metric.sum_squared_error / metric.total).sqrt(), on_step=True, on_epoch=False,
+                     batch_size=size)
 
     def on_test_epoch_end(self) -> None:
         if self.hparams.prequential and self.running_rmse.update_count > 0:

@@ -103,9 +103,9 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
 
     def _release_other_stages(self, model: nn.Module, others: list[nn.Module]) -> None:
         """Free the parameters of the stages other processes run: they are never used here."""
-        prefix = {id(m): name for name, m in model.named_modules()}
-        own_prefixes = tuple(prefix[id(m)] + "." for m in self.own_modules)
-        self.stage_keys = [k for k in model.state_dict() if k.startswith(own_prefixes)]
+        # by tensor, not by module name: a model may build its stages afresh around its own layers (MPNN)
+        own = {id(t) for m in self.own_modules for t in [*m.parameters(), *m.buffers()]}
+        self.stage_keys = [k for k, t in model.state_dict(keep_vars=True).items() if id(t) in own]
         for module in others:
             for p in module.parameters():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
