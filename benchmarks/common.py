@@ -15,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -130,3 +131,25 @@ def write_results(results_dir: str | Path, name: str, content: dict) -> Path:
     tmp.write_text(json.dumps(content, indent=2, sort_keys=True, allow_nan=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def torch_distributed_left_as_found():
+    """A run that starts torch.distributed (DDP) ends it again. Lightning broadcasts a flag over
+    torch.distributed before every training step whenever it is initialised, whatever the strategy:
+    left behind, it would add a gloo broadcast to every later run's steps, and hang the async
+    strategy, whose server takes no steps."""
+    import torch.distributed as dist
+
+    started_here = not dist.is_initialized()
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    try:
+        yield
+    finally:
+        if started_here and dist.is_initialized():
+            dist.destroy_process_group()
+            for key, value in saved.items():  # the next run picks a fresh rendezvous port
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -33,3 +33,15 @@ def test_strategy_panels_appear_when_their_figures_exist():
     figures["ranks"][0]["train/running_rmse"] = [0.5] * 30
     image = render(figures)
     assert image.shape[0] == 40 + 3 * PANEL[1]  # loss, throughput, running rmse, staleness, timeline
+
+
+def test_a_series_and_its_persistence_baseline_share_one_panel():
+    figures = _figures()
+    for r in (0, 1):
+        figures["ranks"][r]["train/running_rmse"] = [0.5 + r] * 30
+        figures["ranks"][r]["train/running_rmse_persistence"] = [0.8 + r] * 30
+    image = render(figures)
+    assert image.shape[0] == 40 + 2 * PANEL[1]  # loss, throughput; running rmse with its baseline
+    panel = image[40 + PANEL[1] + 40:40 + 2 * PANEL[1] - 50, 70:PANEL[0] - 140]
+    for series in range(4):  # rank 0, rank 0 persistence, rank 1, rank 1 persistence
+        assert _has_colour(panel, colour(series)), f"series {series} missing"

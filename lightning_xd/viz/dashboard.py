@@ -15,11 +15,22 @@ from lightning_xd.viz.charts import WHITE, bar_chart, line_chart, text, timeline
 
 PANEL = (640, 340)
 BASE_SERIES = ("step", "loss", "samples_per_s")
+BASELINE = "_persistence"  # a series "x_persistence" is drawn in the panel of "x"
 
 
 def _per_rank(ranks: dict, key: str, smooth: int = 1) -> dict:
     return {f"rank {r}": (data["step"], _trailing_mean(data[key], smooth)) for r, data in sorted(ranks.items())
             if data.get(key)}
+
+
+def _with_baseline(ranks: dict, key: str, has_baseline: bool) -> dict:
+    """Each rank's series, and next to it the same rank's baseline (a stream's persistence forecast)."""
+    series = _per_rank(ranks, key)
+    if not has_baseline:
+        return series
+    baseline = _per_rank(ranks, key + BASELINE)
+    return {label: values for name in series for label, values in
+            ((name, series[name]), (f"{name} persistence", baseline.get(name))) if values is not None}
 
 
 def _trailing_mean(values: list, window: int) -> list:
@@ -41,8 +52,12 @@ def _panels(figures: dict) -> list:
                                            "throughput per rank (mean of the last 10 steps)", "step", "samples/s")]
     extra = sorted({k for data in ranks.values() for k in data if k not in BASE_SERIES})
     for key in extra:
-        panels.append(lambda img, rect, key=key: line_chart(img, rect, _per_rank(ranks, key), key + " per rank",
-                                                            "step", key.rsplit("/", 1)[-1]))
+        if key.endswith(BASELINE) and key[:-len(BASELINE)] in extra:
+            continue  # drawn with the series it is the baseline of
+        paired = key + BASELINE in extra
+        title = key + (" vs persistence" if paired else "") + " per rank"
+        panels.append(lambda img, rect, key=key, paired=paired, title=title: line_chart(
+            img, rect, _with_baseline(ranks, key, paired), title, "step", key.rsplit("/", 1)[-1]))
     if figures.get("staleness"):
         hist = {int(k): v for k, v in figures["staleness"].items()}
         labels = list(range(max(hist) + 1))
