@@ -40,7 +40,7 @@ def parse_fault(spec: str) -> Fault:
 
 
 def fail_now(mode: str) -> None:
-    print(f"fault injection: {mode} on pid {os.getpid()}", flush=True)
+    print(f"fault injection: {mode} on pid {os.getpid()} at {time.time():.3f}", flush=True)
     if mode in ("kill", "during-checkpoint"):
         os.kill(os.getpid(), signal.SIGKILL)
     elif mode == "exit":

@@ -27,16 +27,17 @@ class ProgressMarker(Callback):
         self._written = time.monotonic()
 
     def on_train_start(self, trainer, pl_module) -> None:
+        # every process keeps it: after the first process is lost (ULFM) the new first one writes it
+        self.state = {"attempt": int(os.environ.get("XD_ATTEMPT", "0")), "started_step": trainer.global_step,
+                      "training_started_at": time.time(), "global_step": trainer.global_step,
+                      "updated_at": time.time()}
         if trainer.is_global_zero:
-            self.state = {"attempt": int(os.environ.get("XD_ATTEMPT", "0")), "started_step": trainer.global_step,
-                          "training_started_at": time.time(), "global_step": trainer.global_step,
-                          "updated_at": time.time()}
             self._write()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.is_global_zero and self.state:
+        if self.state:
             self.state.update(global_step=trainer.global_step, updated_at=time.time())
-            if time.monotonic() - self._written >= self.min_interval_s:
+            if trainer.is_global_zero and time.monotonic() - self._written >= self.min_interval_s:
                 self._write()
 
     def on_train_end(self, trainer, pl_module) -> None:
