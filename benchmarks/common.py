@@ -73,11 +73,22 @@ def main(run: Callable[[argparse.Namespace], None], parse_args: Callable[[Sequen
 
 
 def mpirun(nprocs: int, script_argv: Sequence[str], timeout: float | None = None) -> int:
-    """Run ``python -m mpi4py SCRIPT ARGS`` on ``nprocs`` ranks (oversubscribed beyond the cores)."""
+    """Run ``python -m mpi4py SCRIPT ARGS`` on ``nprocs`` ranks (oversubscribed beyond the cores).
+    Past ``timeout`` seconds mpirun is asked to end the job (SIGTERM: it stops its ranks; a SIGKILL
+    would leave them running), then killed."""
     from lightning_xd.launcher import mpirun_command, mpirun_environment
 
     env = mpirun_environment()
-    return subprocess.run(mpirun_command(nprocs, list(script_argv), env=env), env=env, timeout=timeout).returncode
+    process = subprocess.Popen(mpirun_command(nprocs, list(script_argv), env=env), env=env)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise BenchmarkError(f"the {nprocs}-process job ran longer than {timeout:.0f} s and was stopped") from None
 
 
 def check_world(comm, nprocs: int, name: str) -> None:

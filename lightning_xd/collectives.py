@@ -6,7 +6,8 @@ data. Every MPI strategy mixes this in and points ``self.comm`` at its communica
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,14 +29,20 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return summed[ctx.comm.rank], None
 
 
-def attach_metric_sync(module: nn.Module, comm: Communicator, available: Callable[[], bool]) -> None:
+def attach_metric_sync(module: nn.Module, comm: Communicator, available: Callable[[], bool],
+                       guard: Callable[[], ContextManager] = nullcontext) -> None:
     """Make every torchmetrics Metric in ``module`` gather its state over ``comm`` on compute(),
-    whenever ``available()`` says the ranks can meet in a collective."""
+    whenever ``available()`` says the ranks can meet in a collective; each gather runs inside
+    ``guard()`` (a watchdog that turns a hang into a failure)."""
     from torchmetrics import Metric
+
+    def gather(tensor: Tensor, group: Any = None) -> list[Tensor]:
+        with guard():
+            return comm.allgather_varying(tensor)
 
     for metric in module.modules():
         if isinstance(metric, Metric):
-            metric.dist_sync_fn = lambda tensor, group=None: comm.allgather_varying(tensor)
+            metric.dist_sync_fn = gather
             metric.distributed_available_fn = available
 
 

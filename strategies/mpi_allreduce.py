@@ -12,7 +12,7 @@ with the rest of the epoch re-sharded over them (``lightning_xd.recovery``).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Optional
 
 import torch
@@ -22,6 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_xd.collectives import MPICollectives, attach_metric_sync
+from lightning_xd import ulfm
 from lightning_xd.comm import Communicator, wait_all, world
 from lightning_xd.environment import MPIEnvironment, device_for
 from lightning_xd.gradient_buckets import GradientBuckets
@@ -66,13 +67,18 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
     def setup(self, trainer) -> None:
         super().setup(trainer)  # device, precision, optimizers
         self.with_recovery(lambda: self.broadcast_module_state(src=0), "the first broadcast of parameters")
-        attach_metric_sync(self.model, self.collective_comm, self.metrics_can_sync)
+        attach_metric_sync(self.model, self.collective_comm, self.metrics_can_sync, self.metric_sync_guard)
         if trainer.state.fn == TrainerFn.FITTING:
             self.gradients = self.gradient_sync()
 
     def gradient_sync(self) -> Optional[GradientBuckets]:
         """What averages gradients after backward: the bucketed, overlapped allreduce."""
         return GradientBuckets(self.model, self.replicas, self.bucket_size_mb)
+
+    def metric_sync_guard(self):
+        """A metric's gather is watched like any collective; a process lost there (during validation or
+        test, which are not redone on the survivors) ends the job, for the supervisor to restart."""
+        return ulfm.detect(self.watchdog, "a metric's sync") if getattr(self, "ulfm", False) else nullcontext()
 
     def metrics_can_sync(self) -> bool:
         """Whether torchmetrics may gather their states over the ranks now."""
@@ -114,7 +120,7 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
         if self.gradients is not None:
             self.gradients.remove()
             self.gradients = self.gradient_sync()
-        attach_metric_sync(self.model, self.collective_comm, self.metrics_can_sync)
+        attach_metric_sync(self.model, self.collective_comm, self.metrics_can_sync, self.metric_sync_guard)
 
     def summary_metrics(self) -> dict[str, Any]:
         return self.recovery_metrics()
