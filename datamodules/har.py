@@ -11,7 +11,8 @@ Reference: 1D CNNs on UCI HAR's raw windows reach ~90-91% test accuracy (all 30 
 
 Split by person, as UCI HAR: training users 1, 3, 5, 6, 7, 8 and test users 2, 4, 9, 10 (the
 official test subjects in this subset). One training user (``val_user``) is held out for
-validation, so every setting is chosen without the test users. Phones sit at different angles on
+validation, so every setting is chosen without the test users; ``--val-user 0`` holds none out,
+for the final fit on every training user once settings are chosen (no validation then). Phones sit at different angles on
 different people: training windows are turned by a random 3D rotation (acc and gyro by the same
 one) of up to ``max_rotation_deg`` degrees.
 """
@@ -125,8 +126,9 @@ class HARDataModule(LightningDataModule):
         if set(self.train_users) & set(self.test_users):
             raise UserError(f"--train-users and --test-users share user(s) "
                             f"{sorted(set(self.train_users) & set(self.test_users))}")
-        if val_user not in self.train_users or len(self.train_users) < 2:
-            raise UserError(f"--val-user {val_user} must be one of several --train-users {train_users}")
+        if val_user != 0 and (val_user not in self.train_users or len(self.train_users) < 2):
+            raise UserError(f"--val-user {val_user} must be one of several --train-users {train_users} "
+                            "(or 0: hold no user out)")
         self.data: Optional[dict] = None
         self.train_set = self.val_set = self.test_set = None
 
@@ -183,7 +185,7 @@ class HARDataModule(LightningDataModule):
         self.data = self._windowed()
         fit_users = [u for u in self.train_users if u != self.val_user]
         self.train_set = self._subset(fit_users, self.max_rotation_deg)
-        self.val_set = self._subset([self.val_user], 0.0)
+        self.val_set = self._subset([self.val_user], 0.0) if self.val_user else None
         self.test_set = self._subset(self.test_users, 0.0)
 
     def _subset(self, users, max_rotation_deg: float) -> Windows:
@@ -203,8 +205,8 @@ class HARDataModule(LightningDataModule):
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=256, sampler=eval_sampler(dataset, self.trainer))
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader(self.val_set) if self.val_set is not None else []
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
