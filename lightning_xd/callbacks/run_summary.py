@@ -26,6 +26,7 @@ def batch_size_of(batch: Any) -> int:
 class RunSummary(Callback):
     def __init__(self) -> None:
         self.samples = 0
+        self.steps = 0  # training steps this process took (a worker's own, under async)
         self.step_seconds = 0.0
         self.epoch_seconds: list[float] = []
 
@@ -40,6 +41,7 @@ class RunSummary(Callback):
         seconds = time.perf_counter() - self._step_start
         samples = batch_size_of(batch)
         self.samples += samples
+        self.steps += 1
         self.step_seconds += seconds
         self._epoch_samples += samples
         self._epoch_step_seconds += seconds
@@ -62,6 +64,8 @@ class RunSummary(Callback):
         device = trainer.strategy.root_device
         samples = trainer.strategy.reduce(torch.tensor(float(self.samples), device=device), reduce_op="sum")
         slowest = trainer.strategy.reduce(torch.tensor(self.step_seconds, device=device), reduce_op="max")
+        own_step = self.step_seconds / self.steps if self.steps else 0.0
+        slowest_step = trainer.strategy.reduce(torch.tensor(own_step, device=device), reduce_op="max")
         train_seconds = getattr(self, "train_seconds", 0.0)
         return {
             "samples_per_s": float(samples) / max(float(slowest), 1e-9),
@@ -69,6 +73,6 @@ class RunSummary(Callback):
             "epochs": len(self.epoch_seconds),
             "global_step": trainer.global_step,
             "train_time_s": train_seconds,
-            "step_time_s_mean": float(slowest) / max(1, trainer.global_step),
+            "step_time_s_mean": float(slowest_step),  # the slowest process's mean step
             "updates_per_s": trainer.global_step / max(float(slowest), 1e-9),
         }
