@@ -61,8 +61,10 @@ def gather_objects(strategy: Any, obj: Any) -> list:
 
 class MPICollectives:
     """Mixin for a Lightning strategy whose ``collective_comm`` holds the ranks that log together
-    (all of them, except in the hybrid strategy: the data-parallel group of a pipeline stage)."""
+    (all of them, except in the hybrid strategy: the data-parallel group of a pipeline stage) and
+    whose ``comm`` holds every process: decisions, broadcasts and barriers are the whole job's."""
 
+    comm: Communicator
     collective_comm: Communicator
 
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
@@ -72,8 +74,9 @@ class MPICollectives:
         return self.collective_comm.allreduce(tensor.detach().clone(), reduce_op or "mean")
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        votes = int(self.reduce(torch.tensor(int(decision), device=self.root_device), reduce_op="sum"))
-        return votes == self.collective_comm.size if all else votes > 0
+        """A decision of the whole job (stop, save): every process, not only those that log together."""
+        votes = int(self.comm.allreduce(torch.tensor([int(decision)]), "sum"))
+        return votes == self.comm.size if all else votes > 0
 
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
         """Stack every rank's ``tensor`` (same shape on each) along a new first dimension."""
@@ -82,11 +85,12 @@ class MPICollectives:
         return self.collective_comm.allgather(tensor.detach().contiguous())
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return self.collective_comm.broadcast_object(obj, root=src)
+        """From process ``src`` of the whole job to all of them (Lightning's paths and decisions)."""
+        return self.comm.broadcast_object(obj, root=src)
 
     def all_gather_object(self, obj: Any) -> list:
         """One object per process of the whole job, in rank order."""
         return self.comm.allgather_object(obj)
 
     def barrier(self, name: Optional[str] = None) -> None:
-        self.collective_comm.barrier()
+        self.comm.barrier()

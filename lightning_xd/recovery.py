@@ -117,6 +117,10 @@ class InJobRecovery:
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return self.with_recovery(lambda: super(InJobRecovery, self).broadcast(obj, src), "broadcast")
 
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return self.with_recovery(lambda: super(InJobRecovery, self).reduce_boolean_decision(decision, all),
+                                  "a decision")
+
     def barrier(self, name: Any = None) -> None:
         self.with_recovery(lambda: super(InJobRecovery, self).barrier(name), f"barrier {name or ''}")
 

@@ -45,6 +45,7 @@ def check_run(out, ranks, reference, val_loss):
         for name, value in result["own"].items():
             assert torch.allclose(value, reference[name], atol=1e-5), f"rank {r}: {name}"
         assert result["metrics"]["val/loss"] == pytest.approx(val_loss, abs=1e-5)
+        assert result["decisions"] == {"broadcast": 0, "all_agree": False, "any_agrees": True}
     owned = [set(r["own"]) for r in results[:2]]
     assert not owned[0] & owned[1] and owned[0] | owned[1] == set(reference)  # stages split the model
     summary = results[0]["summary"]

@@ -25,6 +25,11 @@ for schedule in sys.argv[4].split(","):
     metrics = trainer.validate(model, TinyData(batch_size=8), verbose=False)[0]
     trainer.save_checkpoint(out / "hybrid.ckpt")
     out.mkdir(parents=True, exist_ok=True)
+    # decisions are the whole job's, not a stage group's: rank 0's word, everybody's vote
+    decisions = {"broadcast": strategy.broadcast(trainer.global_rank, src=0),
+                 "all_agree": strategy.reduce_boolean_decision(trainer.global_rank == 0, all=True),
+                 "any_agrees": strategy.reduce_boolean_decision(trainer.global_rank == 0, all=False)}
     torch.save({"own": {k: v for k, v in model.state_dict().items() if k in strategy.stage_keys},
+                "decisions": decisions,
                 "metrics": metrics, "summary": strategy.summary_metrics(), "steps": trainer.global_step},
                out / f"rank{trainer.global_rank}.pt")
