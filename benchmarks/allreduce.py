@@ -27,8 +27,8 @@ BACKENDS = ("raw_mpi", "comm_layer", "gloo")
 
 
 def parse_args(argv=None):
-    args = common.parse(common.parser(__doc__.splitlines()[0], nprocs=2, data=False), argv, full_repeats=7,
-                        quick_repeats=3)
+    args = common.parse(common.parser(__doc__.splitlines()[0], nprocs=2, data=False, repeats=7, quick_repeats=3),
+                        argv)
     args.sizes = QUICK_SIZES if args.quick else SIZES
     return args
 

@@ -27,12 +27,14 @@ class BenchmarkError(Exception):
     """A mistake in the benchmark's flags or set-up: reported as one line, exit code 2."""
 
 
-def parser(description: str, nprocs: int, data: bool = True) -> argparse.ArgumentParser:
+def parser(description: str, nprocs: int, data: bool = True, repeats: int = 5,
+           quick_repeats: int = 2) -> argparse.ArgumentParser:
     """The flags every benchmark takes; a script adds its own."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions: seconds, checks the script")
     p.add_argument("--nprocs", type=int, default=nprocs, help="processes of the MPI job")
-    p.add_argument("--repeats", type=int, help="repetitions behind every median (default: 5, quick: 2)")
+    p.add_argument("--repeats", type=int, help=f"repetitions behind every median (default: {repeats}, quick: {quick_repeats})")
+    p.set_defaults(full_repeats=repeats, quick_repeats=quick_repeats)
     p.add_argument("--results-dir", default=str(RESULTS), help="where <name>[-quick].json and .png go")
     if data:
         p.add_argument("--data-dir", default=os.environ.get("XD_DATA_DIR", "./data"),
@@ -41,11 +43,10 @@ def parser(description: str, nprocs: int, data: bool = True) -> argparse.Argumen
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, full_repeats: int = 5,
-          quick_repeats: int = 2) -> argparse.Namespace:
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats is None:
-        args.repeats = quick_repeats if args.quick else full_repeats
+        args.repeats = args.quick_repeats if args.quick else args.full_repeats
     if args.repeats < 1 or args.nprocs < 1:
         p.error("--repeats and --nprocs must be at least 1")
     return args

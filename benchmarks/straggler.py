@@ -30,7 +30,7 @@ from benchmarks import common  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__.splitlines()[0], nprocs=3)
+    p = common.parser(__doc__.splitlines()[0], nprocs=3, repeats=3)
     p.add_argument("--model", default="gcn", help="on its own default dataset")
     p.add_argument("--factors", type=float, nargs="+", help="slow-down factors (default 1.5 2 3, quick 3)")
     p.add_argument("--max-epochs", type=int, help="epochs per run (default: the model's own, quick 4)")
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--target-fraction", type=float, default=0.95,
                    help="target = this fraction of the best --metric of the undisturbed mpi run")
     p.add_argument("--batch-size", type=int, help="per-process batch size; default: the dataset's own, quick 16")
-    args = common.parse(p, argv, full_repeats=3)
+    args = common.parse(p, argv)
     args.factors = args.factors or ([3.0] if args.quick else [1.5, 2.0, 3.0])
     args.snapshot_every = args.snapshot_every or (2 if args.quick else 10)
     args.batch_size = args.batch_size or (16 if args.quick else None)

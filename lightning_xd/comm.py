@@ -10,6 +10,7 @@ finishes.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -20,6 +21,10 @@ from torch import Tensor
 # Join MPI on first use, not on import: the process that starts mpirun must never join MPI itself
 # (it would hand its own MPI environment down to the job it launches).
 mpi4py.rc(initialize=False, finalize=True, thread_level="multiple")
+# Open MPI's default non-blocking allreduce (libnbc) reaches ~55% of the blocking MPI_Allreduce from
+# 1 MB up on shared memory; Rabenseifner's algorithm matches it (benchmarks/allreduce.py). Read when
+# MPI starts; a user's own setting wins.
+os.environ.setdefault("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "3")
 from mpi4py import MPI  # noqa: E402
 
 ANY_SOURCE = MPI.ANY_SOURCE

@@ -39,7 +39,7 @@ class RunSummary(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seconds = time.perf_counter() - self._step_start
-        samples = batch_size_of(batch)
+        samples = batch_size_of(batch) / getattr(trainer.strategy, "stages", 1)  # a pipeline's stages share each batch
         self.samples += samples
         self.steps += 1
         self.step_seconds += seconds

@@ -1,0 +1,114 @@
+"""Training runs inside one MPI job, built from the registry the way train.py builds them.
+
+A benchmark process builds one Trainer after another (one strategy, then the next), so a
+comparison pays MPI and torch start-up once and every strategy runs on the same processes,
+threads and data. Lightning's DDP (gloo) and our MPI strategies follow each other in one process:
+the gloo process group, made by the first DDP run, stays for the next ones. Trainers are lean: no
+logger, progress bar, model summary or validation while fitting, no checkpoints unless a
+callback asks; a training step does what train.py's does and nothing else.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+import torch
+
+import datamodules  # noqa: F401  (registers the names)
+import models  # noqa: F401
+import strategies  # noqa: F401
+from benchmarks import common
+from lightning_xd.comm import world
+from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES
+
+T = TypeVar("T")
+_RELEASE_TAG = 4242
+
+
+def quiet() -> None:
+    """Lightning's advice and warnings, printed by every rank for every Trainer, would drown the figures."""
+    warnings.simplefilter("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def share_cores(processes_on_host: int) -> int:
+    """Each process gets its share of the host's cores, as train.py gives them; returns the threads."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_on_host))
+    return torch.get_num_threads()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every strategy of a comparison trains: one model on one dataset with the same settings."""
+
+    model: str
+    data: str
+    settings: dict = field(default_factory=dict)  # data_dir, cache_dir, batch_size ...: flags as train.py takes them
+    seed: int = 42
+
+    @classmethod
+    def of(cls, model: str, settings: dict, data: Optional[str] = None) -> "Workload":
+        """The model on its own dataset (or ``data``), with the settings its constructors accept."""
+        return cls(model, data or MODELS.get(model).defaults["data"], {k: v for k, v in settings.items() if v is not None})
+
+    def prepare(self) -> None:
+        """Check, download and cache the data: once per host, before any rank reads it."""
+        comm = world()
+        if comm.local().rank == 0:
+            DATAMODULES.build(self.data, self.settings).prepare_data()
+        comm.barrier()
+
+    def build(self, strategy: str, **strategy_settings: Any) -> tuple[Any, Any, Any]:
+        """Datamodule, model and strategy, in train.py's order, from the same seed every time."""
+        from lightning.pytorch import seed_everything
+
+        seed_everything(self.seed, workers=True, verbose=False)
+        datamodule = DATAMODULES.build(self.data, self.settings)
+        built_strategy = STRATEGIES.build(strategy, {**self.settings, **strategy_settings})
+        model = MODELS.build(self.model, self.settings, **datamodule.model_kwargs())
+        return datamodule, model, built_strategy
+
+
+def trainer(strategy, max_steps: int = -1, callbacks: Sequence = (), plugins: Sequence = (), **overrides: Any):
+    """A lean Trainer (``overrides``: any Trainer argument, ``limit_val_batches=1.0`` to validate)."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import Checkpoint
+
+    # As in train.py: a strategy without an environment gets one, so Lightning never probes for MPI.
+    environment = [] if getattr(strategy, "cluster_environment", None) is not None else [LightningEnvironment()]
+    options = dict(accelerator=strategy.root_device.type, strategy=strategy, num_nodes=getattr(strategy, "num_nodes", 1),
+                   plugins=[*environment, *plugins], max_epochs=-1, max_steps=max_steps, logger=False,
+                   callbacks=list(callbacks), enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   limit_val_batches=0, default_root_dir=tempfile.gettempdir())
+    return Trainer(**{**options, **overrides})
+
+
+def fit(workload: Workload, strategy: str, max_steps: int, callbacks: Sequence = (), strategy_settings: dict = None,
+        **trainer_options: Any):
+    """Build and fit; returns the trainer (its strategy and model with it)."""
+    datamodule, model, built = workload.build(strategy, **(strategy_settings or {}))
+    fitted = trainer(built, max_steps, callbacks, **trainer_options)
+    with common.torch_distributed_left_as_found():
+        fitted.fit(model, datamodule=datamodule)
+    return fitted
+
+
+def on_first_rank(work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 alone (a one-process run) while the other ranks wait without taking a
+    core (polling with sleeps, not MPI's busy wait); every rank returns rank 0's result."""
+    comm = world()
+    result = work() if comm.rank == 0 else None
+    token = torch.zeros(1)
+    if comm.rank == 0:
+        for rank in range(1, comm.size):
+            comm.send(token, rank, _RELEASE_TAG)
+    else:
+        comm.irecv(token, 0, _RELEASE_TAG).wait(yield_cpu=True)
+    return comm.broadcast_object(result)
