@@ -85,12 +85,6 @@ def test_checkpoint_resumes_server_version_and_parameters(mpirun, tmp_path):
         assert torch.allclose(value, reference[name], atol=1e-6), name
 
 
-def test_world_size_one_is_plain_training(train, tiny_data, tmp_path):
-    proc = train("--model", "gcn", "--strategy", "async", "--fast-dev-run", "--data-dir", str(tiny_data),
-                 "--run-dir", str(tmp_path / "run"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def test_gcn_with_async_through_train_py(train, tiny_data, tmp_path):
     import json
 

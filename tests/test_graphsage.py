@@ -97,21 +97,6 @@ def test_one_epoch_in_process(ppi_dir, tmp_path, data):
     assert 0 <= metrics["test/micro_f1"] <= 1 and metrics["test/peak_rss_mb_rank0"] > 0
 
 
-@pytest.mark.parametrize("data", ["ppi", "synthetic-graph"])
-def test_two_processes(train, ppi_dir, tmp_path, data):
-    data_args = ["--data", "ppi"] if data == "ppi" else SMALL_GRAPH
-    run_dir = tmp_path / "run"
-    proc = train("--model", "graphsage", *data_args, "--strategy", "mpi", "--nprocs", "2", "--max-epochs", "1",
-                 "--batch-size", "32", "--hidden-channels", "16", "--data-dir", str(ppi_dir), "--run-dir", str(run_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = _metrics(run_dir)
-    assert metrics["world_size"] == 2 and metrics["epochs"] == 1
-    assert {"test/peak_rss_mb_rank0", "test/peak_rss_mb_rank1", "test/epochs_per_s"} <= set(metrics)
-    assert "edge cut" in proc.stdout + proc.stderr and "owned nodes per rank" in proc.stdout + proc.stderr
-    if data == "synthetic-graph":  # communities show in features and links: the probe beats chance (0.25)
-        assert metrics["test/micro_f1"] > 0.4, metrics
-
-
 def _reference_training(ranks: list[dict]) -> dict:
     """Single-process training where step k sees the union of every rank's k-th batch."""
     model = GraphSAGE(**ranks[0]["hparams"])

@@ -12,15 +12,6 @@ def _metrics(run_dir):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["single", "mpi"])
-def test_fast_dev_run_in_process(train, tiny_data, tmp_path, strategy):
-    proc = train("--model", "gcn", "--strategy", strategy, "--fast-dev-run", "--data-dir", str(tiny_data),
-                 "--run-dir", str(tmp_path / "run"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = _metrics(tmp_path / "run")
-    assert metrics["world_size"] == 1 and metrics["strategy"] == strategy and 0 <= metrics["test/acc"] <= 1
-
-
 @pytest.mark.parametrize("strategy", ["mpi", "ddp"])
 def test_two_processes_train_log_and_test(train, tiny_data, tmp_path, strategy):
     """--nprocs 2 starts mpirun itself; the run learns, logs to TensorBoard and writes metrics.json."""
