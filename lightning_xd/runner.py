@@ -228,6 +228,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
         (run_dir / "COMPLETED").write_text(f"{time.time()}\n")  # the supervisor's sign that the run finished
+    if getattr(strategy, "recoveries", None):
+        from lightning_xd.ulfm import leave_after_failure
+
+        leave_after_failure()
     return metrics
 
 

@@ -63,3 +63,7 @@ if trainer.is_global_zero:
     torch.save({"state": model.state_dict(), "final": final, "steps": trainer.global_step,
                 "world": trainer.world_size, "summary": strategy.summary_metrics()}, out / "result.pt")
     (out / "COMPLETED").write_text("done\n")
+if getattr(strategy, "recoveries", None):
+    from lightning_xd.ulfm import leave_after_failure
+
+    leave_after_failure()  # MPI_Finalize may hang on the lost process
