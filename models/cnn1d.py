@@ -46,7 +46,7 @@ def conv_bn_relu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-@MODELS.register("cnn1d", data="har", max_epochs=30)
+@MODELS.register("cnn1d", data="har", max_epochs=50)
 class CNN1D(LightningModule):
     def __init__(self, in_channels: int, num_classes: int, channels: int = 32, kernel_size: int = 7,
                  dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-4):

@@ -33,14 +33,14 @@ def _users(dataset) -> set:
 
 
 def test_no_test_user_in_training_or_validation(hapt, tmp_path):
-    dm = _datamodule(hapt, tmp_path)
+    dm = _datamodule(hapt, tmp_path, val_user=VAL_USER)
     assert _users(dm.train_set) == set(TRAIN_USERS) - {VAL_USER}
     assert _users(dm.val_set) == {VAL_USER}
     assert _users(dm.test_set) == set(TEST_USERS)
     assert _users(dm.test_set).isdisjoint(_users(dm.train_set) | _users(dm.val_set))
     other = _datamodule(hapt, tmp_path, val_user=3)
     assert _users(other.val_set) == {3} and 3 not in _users(other.train_set)
-    final = _datamodule(hapt, tmp_path, val_user=0)  # settings chosen: the final fit on every training user
+    final = _datamodule(hapt, tmp_path)  # the default: settings chosen, the final fit on every training user
     assert _users(final.train_set) == set(TRAIN_USERS) and final.val_set is None and final.val_dataloader() == []
 
 
