@@ -74,7 +74,7 @@ def test_rotation_turns_both_sensors_alike(hapt, tmp_path):
     assert torch.allclose(rotation @ rotation.T, torch.eye(3), atol=1e-5)
     assert torch.det(rotation).item() == pytest.approx(1.0, abs=1e-5)
     assert torch.rad2deg(torch.arccos((torch.trace(rotation) - 1) / 2)).item() <= 45.0 + 1e-3
-    dm = _datamodule(hapt, tmp_path, max_rotation_deg=180.0)
+    dm = _datamodule(hapt, tmp_path, max_rotation_deg=180.0, val_user=VAL_USER)
     window, _ = dm.train_set[0]
     original = dm.train_set.windows[0]
     assert not torch.allclose(window, original)
