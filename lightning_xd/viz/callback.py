@@ -62,7 +62,7 @@ class TrainingDashboard(Callback):
     def figures(self, trainer, per_rank: list) -> dict:
         summary = trainer.strategy.summary_metrics() if hasattr(trainer.strategy, "summary_metrics") else {}
         title = f"{type(trainer.lightning_module).__name__} - {type(trainer.strategy).__name__} - " \
-                f"{trainer.world_size} process(es) - step {trainer.global_step}"
+                f"{trainer.world_size} process(es) - step {getattr(trainer.strategy, 'version', None) or trainer.global_step}"
         return {"title": title, "ranks": {r: s for r, s in enumerate(per_rank) if s.get("step")},
                 "staleness": summary.get("async/staleness_histogram"),
                 "timeline": summary.get("pipeline/timelines")}

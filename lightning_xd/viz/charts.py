@@ -50,11 +50,11 @@ def text(img: np.ndarray, s: str, org: tuple[int, int], scale: float = 0.45, col
 class Axes:
     """A plot area inside ``rect`` with a title, axis labels and linear scales."""
 
-    MARGIN = (62, 30, 16, 42)  # left, top, right, bottom
+    MARGIN = (62, 44, 16, 42)  # left, top (title, then the y label), right, bottom
 
     def __init__(self, img: np.ndarray, rect: tuple[int, int, int, int], title: str, xlabel: str, ylabel: str,
-                 xrange: tuple[float, float], yrange: tuple[float, float]):
-        self.img = img
+                 xrange: tuple[float, float], yrange: tuple[float, float], ticks: str = "xy"):
+        self.img, self.ticks = img, ticks  # an axis without numeric ticks labels its own categories
         x, y, w, h = rect
         left, top, right, bottom = self.MARGIN
         self.x0, self.y0, self.x1, self.y1 = x + left, y + top, x + w - right, y + h - bottom
@@ -72,11 +72,11 @@ class Axes:
 
     def _frame(self, xlabel: str, ylabel: str) -> None:
         img = self.img
-        for tick in nice_ticks(*self.yr):
+        for tick in nice_ticks(*self.yr) if "y" in self.ticks else []:
             if self.yr[0] <= tick <= self.yr[1]:
                 cv2.line(img, (self.x0, self.py(tick)), (self.x1, self.py(tick)), LIGHT, 1)
                 text(img, _label(tick), (self.x0 - 58, self.py(tick) + 4), 0.38, GREY)
-        for tick in nice_ticks(*self.xr):
+        for tick in nice_ticks(*self.xr) if "x" in self.ticks else []:
             if self.xr[0] <= tick <= self.xr[1]:
                 cv2.line(img, (self.px(tick), self.y1), (self.px(tick), self.y1 + 4), GREY, 1)
                 text(img, _label(tick), (self.px(tick) - 10, self.y1 + 16), 0.38, GREY)
@@ -113,7 +113,8 @@ def line_chart(img, rect, series: dict[str, tuple[Sequence[float], Sequence[floa
 
 def bar_chart(img, rect, labels: Sequence[str], values: Sequence[float], title: str, xlabel: str, ylabel: str,
               colours: Sequence[int] | None = None) -> None:
-    axes = Axes(img, rect, title, xlabel, ylabel, (-0.5, len(values) - 0.5), (0, max(values, default=1) * 1.1 or 1))
+    axes = Axes(img, rect, title, xlabel, ylabel, (-0.5, len(values) - 0.5), (0, max(values, default=1) * 1.1 or 1),
+                ticks="y")
     width = max(2, int((axes.x1 - axes.x0) / max(1, len(values)) * 0.7))
     for i, (label, value) in enumerate(zip(labels, values)):
         cx = axes.px(i)
@@ -126,7 +127,7 @@ def bar_chart(img, rect, labels: Sequence[str], values: Sequence[float], title: 
 def timeline_chart(img, rect, lanes: dict[str, list[tuple[str, int, float, float]]], title: str) -> None:
     """Busy intervals per lane (op, micro-batch, start s, end s); the gaps are the bubbles."""
     end = max((e for ops in lanes.values() for *_, e in ops), default=1.0)
-    axes = Axes(img, rect, title, "time in the step (ms)", "stage", (0, end * 1000), (0, len(lanes)))
+    axes = Axes(img, rect, title, "time in the step (ms)", "", (0, end * 1000), (0, len(lanes)), ticks="x")
     lane_height = (axes.y1 - axes.y0) / max(1, len(lanes))
     for lane, (name, ops) in enumerate(lanes.items()):
         top = int(axes.y0 + lane * lane_height + 4)
