@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=os.environ.get("XD_CACHE_DIR"), help="preprocessed data ($XD_CACHE_DIR)")
     p.add_argument("--results-dir", default=str(common.RESULTS))
     p.add_argument("--timeout", type=float, default=None, help="seconds each MPI job may take (default: no limit)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="run nothing: rebuild the summary from the results there are (after re-running one benchmark)")
     return p.parse_args(argv)
 
 
@@ -117,7 +119,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    for nprocs, segments in jobs(args):
+    for nprocs, segments in ([] if args.summary_only else jobs(args)):
         names = ", ".join(segment[0] for segment in segments)
         print(f"== {nprocs} processes: {names}", flush=True)
         try:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from lightning_xd.errors import UserError
 
 # Variables every rank needs, also on remote hosts (where mpirun forwards only what it is told).
-_FORWARDED_PREFIXES = ("XD_", "PYTHON", "OMP_", "MKL_", "CUDA_VISIBLE_DEVICES", "PATH", "LD_LIBRARY_PATH")
+_FORWARDED_PREFIXES = ("XD_", "PYTHON", "OMP_", "MKL_", "THP_", "CUDA_VISIBLE_DEVICES", "PATH", "LD_LIBRARY_PATH")
 
 
 def in_mpi_job() -> bool:
@@ -51,6 +51,9 @@ def mpirun_command(nprocs: int, script_argv: Sequence[str], hostfile: Optional[s
 
 def mpirun_environment(launch_agent: Optional[str] = None) -> dict[str, str]:
     env = dict(os.environ)
+    # torch's CPU allocator then backs large tensors with transparent huge pages, as numpy does: MPI
+    # moves gradient buckets ~15% faster from 16 MB up (benchmarks/allreduce.py); a user's setting wins
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     if launch_agent:
