@@ -49,17 +49,15 @@ def parse_args(argv=None):
 
 def measure(workload, background: bool, folder: Path, args) -> dict:
     """One run: every stall during training (the final checkpoint at train end excluded) and the steps."""
-    from lightning.pytorch.plugins.io import AsyncCheckpointIO
-
     from benchmarks import harness
     from benchmarks import step_timer as st
     from lightning_xd.callbacks import FaultTolerantCheckpoint
-    from lightning_xd.checkpoints import CheckpointStore, VerifiedCheckpointIO
+    from lightning_xd.checkpoints import BackgroundCheckpointIO, CheckpointStore, VerifiedCheckpointIO
 
     steps = args.warmup + args.every_steps * args.checkpoints
     checkpoints = FaultTolerantCheckpoint(folder, every_n_steps=args.every_steps, min_seconds=float("inf"))
     timer = st.StepTimer(args.warmup, align=True)
-    io = AsyncCheckpointIO(VerifiedCheckpointIO()) if background else VerifiedCheckpointIO()
+    io = BackgroundCheckpointIO(VerifiedCheckpointIO()) if background else VerifiedCheckpointIO()
     harness.fit(workload, "mpi", steps, [timer, checkpoints], plugins=[io], default_root_dir=str(folder))
     stalls = checkpoints.save_seconds[: steps // args.every_steps]
     per_rank = timer.gather()

@@ -153,16 +153,15 @@ def build_trainer(settings: dict[str, Any], strategy, callbacks: list) -> "Train
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
-    from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-    from lightning_xd.checkpoints import VerifiedCheckpointIO
+    from lightning_xd.checkpoints import BackgroundCheckpointIO, VerifiedCheckpointIO
 
     environment = getattr(strategy, "cluster_environment", None)
     # A strategy without an environment of its own gets one, so that Lightning never probes for MPI
     # itself: that can hang a Trainer outside an MPI job (Lightning issue 20049).
     plugins = [] if environment is not None else [LightningEnvironment()]
     checkpoint_io = VerifiedCheckpointIO(settings["keep_last"])
-    plugins.append(AsyncCheckpointIO(checkpoint_io) if settings["background_checkpoints"] else checkpoint_io)
+    plugins.append(BackgroundCheckpointIO(checkpoint_io) if settings["background_checkpoints"] else checkpoint_io)
     rank_zero = environment is None or environment.global_rank() == 0
     return Trainer(
         accelerator=strategy.root_device.type,

@@ -3,9 +3,8 @@
 Saved every N steps and/or T seconds, at epoch ends and when training ends, through Lightning's own
 ``trainer.save_checkpoint`` (so model, optimizer and LR-scheduler state, loop progress, the
 training loader's position inside the epoch, callback and datamodule state all use Lightning's
-hooks). The strategy's checkpoint IO (``VerifiedCheckpointIO``, in the background behind
-Lightning's ``AsyncCheckpointIO`` by default) writes them atomically with a sha256 manifest and
-keeps the last K. An epoch end is skipped while the newest checkpoint is younger than
+hooks). The strategy's checkpoint IO (``VerifiedCheckpointIO``, by default in the background behind
+``BackgroundCheckpointIO``) writes them atomically with a sha256 manifest and keeps the last K. An epoch end is skipped while the newest checkpoint is younger than
 ``min_seconds``: epochs of one or a few steps (a full-graph GCN, the ECG autoencoder) would
 otherwise spend more time checkpointing than training. This callback's own state is every process's random-number-generator state,
 so a resumed run draws the same dropout masks as an uninterrupted one.
@@ -93,7 +92,7 @@ class FaultTolerantCheckpoint(Checkpoint):
         started = time.perf_counter()
         _sync_logged_metrics(trainer)
         self._kind = kind
-        trainer.save_checkpoint(self.store.folder / f"step-{step:09d}.ckpt")
+        trainer.save_checkpoint(self.store.folder / f"step-{step:09d}.ckpt", weights_only=False)  # all of it
         self._last_save, self._last_step_saved = time.monotonic(), step
         self.save_seconds.append(time.perf_counter() - started)
 
