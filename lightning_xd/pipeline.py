@@ -138,6 +138,9 @@ class PipelineStage:
                     sends += self.comm.isend_tensor(inputs.pop(i).grad, self.stage - 1, 2 * i + 1)
             self._record(op, i, start, step_start)
         wait_all(sends)
+        # The step ends when the whole pipeline is done: without this, the last stage would stop its
+        # clock before the first stage's final backward and count none of that wait as idle.
+        self.comm.barrier()
         self.times.total = time.perf_counter() - step_start
         self.recorded.append(self.times)
         return self._share_outputs(last_outputs, microbatches[0]), losses

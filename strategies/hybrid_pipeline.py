@@ -168,7 +168,8 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         own_params = sum(p.numel() for m in self.own_modules for p in m.parameters())
         per_rank = self.comm.allgather_object({
             "bubble": idle, "params": own_params, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "timeline": self.runner.recorded[-1].timeline if self.runner.recorded else []})
+            "timeline": self.runner.recorded[-1].timeline if self.runner.recorded else [],
+            "step_s": self.runner.recorded[-1].total if self.runner.recorded else 0.0})
         total_params = sum(r["params"] for r in per_rank[: self.stages])
         p, m = self.stages, self.microbatches
         self._summary = {
@@ -181,6 +182,7 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
             "pipeline/param_fraction_max": max(r["params"] for r in per_rank) / max(1, total_params),
             "pipeline/peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
             "pipeline/timelines": {r: info["timeline"] for r, info in enumerate(per_rank)},
+            "pipeline/last_step_s": {r: info["step_s"] for r, info in enumerate(per_rank)},
         }
         logger = self.lightning_module.trainer.logger
         if logger is not None:

@@ -54,6 +54,10 @@ def check_run(out, ranks, reference, val_loss):
     assert all(abs(n / total - 0.5) < 0.2 for n in summary["pipeline/params_per_rank"])  # about 1/P each
     assert summary["pipeline/bubble_theory"] == pytest.approx(1 / 5)
     assert 0 < summary["pipeline/bubble_measured"] < 1
+    if ranks == 2:  # the last stage's step lasts until the first stage's final backward is done
+        timelines, step_s = summary["pipeline/timelines"], summary["pipeline/last_step_s"]
+        _, _, first_start, first_end = timelines[0][-1]
+        assert step_s[1] - timelines[1][-1][3] >= first_end - first_start - 1e-5
     checkpoint = torch.load(out / "hybrid.ckpt", weights_only=False)
     for name, value in reference.items():  # one file with every stage: a plain checkpoint of the model
         assert torch.allclose(checkpoint["state_dict"][name], value, atol=1e-5), name
