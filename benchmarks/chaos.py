@@ -182,9 +182,9 @@ def table(baseline: dict, summaries: dict[str, dict]) -> str:
 
 NOTES = [
     "time to recover: from the kill to training going on (ULFM: detection + shrink; supervisor: "
-    "relaunch, start-up of every process, checkpoint load); a rank's kill is timed when the fault "
-    "injector's line reaches the benchmark, so these times are low by that line's forwarding delay; "
-    "a host's kill is timed by the benchmark, which kills it",
+    "noticing the loss, relaunch, start-up of every process, checkpoint load); a rank's kill is timed "
+    "by the fault injector's own clock just before it SIGKILLs its process (one machine: one clock), "
+    "a host's kill by the benchmark, which kills it",
     "steps redone: completed steps lost and trained again; both paths also redo the interrupted step",
     "the killed rank is drawn among all, rank 0 included: ULFM survives losing rank 0 (the survivors' "
     "new rank 0 writes the metrics); the supervisor relaunches on all N processes (N-1 after a lost host)",

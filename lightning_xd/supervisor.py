@@ -23,6 +23,17 @@ from lightning_xd.errors import UserError
 from lightning_xd.launcher import mpirun_command, mpirun_environment
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1")
+HOST_CHECK_SECONDS = 2.0  # how often a running job's remote hosts are asked whether they still answer
+
+
+def _end(proc: subprocess.Popen, grace: float = 10.0) -> int:
+    """Stop mpirun (it stops its processes and daemons); kill it if it does not go within ``grace``."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def with_flag(argv: Sequence[str], flag: str, value: Optional[str]) -> list[str]:
@@ -96,7 +107,7 @@ class Supervisor:
             env = self._environment(attempt)
             proc = subprocess.Popen(self._command(env), env=env)
             try:
-                code = proc.wait()
+                code = self._wait(proc)
             except KeyboardInterrupt:
                 proc.terminate()
                 return proc.wait()
@@ -116,6 +127,22 @@ class Supervisor:
             print(f"error: the job did not finish after {len(self.attempts)} attempt(s); see the output above",
                   file=sys.stderr)
         return self.attempts[-1]["exit_code"] or 1
+
+    def _wait(self, proc: subprocess.Popen) -> int:
+        """The job's exit code. With remote hosts, each is asked every ``HOST_CHECK_SECONDS`` whether it
+        still answers: once one does not, the job is ended at once, instead of waiting for the runtime to
+        notice its lost daemon or for the survivors' collectives to time out (a minute or two here)."""
+        remote = [h for h in read_hostfile(self.hostfile) if h[0] not in LOCAL_HOSTS] if self.hostfile else []
+        while remote:
+            try:
+                return proc.wait(timeout=HOST_CHECK_SECONDS)
+            except subprocess.TimeoutExpired:
+                lost = [host for host, _ in remote if not answering_hosts([(host, 1)], self.launch_agent)]
+            if lost and proc.poll() is None:
+                print(f"supervisor: host(s) {', '.join(lost)} stopped answering; ending the job to restart "
+                      "without them", file=sys.stderr, flush=True)
+                return _end(proc)
+        return proc.wait()
 
     def _completed_since(self, started: float) -> bool:
         marker = self.run_dir / "COMPLETED"

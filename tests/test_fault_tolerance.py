@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train as train_script
-from lightning_xd.checkpoints import CheckpointStore
+from lightning_xd.checkpoints import BackgroundCheckpointIO, CheckpointStore, VerifiedCheckpointIO, snapshot
 from lightning_xd.runner import choose_checkpoint
 
 ULFM = {"XD_FAULT_TOLERANCE": "ulfm"}
@@ -98,6 +98,25 @@ def _fake_checkpoints(folder: Path, steps: list[int]) -> CheckpointStore:
     return store
 
 
+def test_background_checkpoint_is_the_state_when_saved(tmp_path):
+    """The snapshot is taken in the training thread: a step taken right after the save does not leak
+    into the checkpoint written in the background; containers are copies, their kinds kept."""
+    weights = torch.zeros(3)
+    state = {"state_dict": collections.OrderedDict(w=weights), "loops": {"steps": [1, (2, weights)]}, "epoch": 4}
+    copy = snapshot(state)
+    weights.add_(1.0)
+    assert type(copy["state_dict"]) is collections.OrderedDict and copy["epoch"] == 4
+    assert copy["state_dict"]["w"].sum() == 0 and copy["loops"]["steps"][1][1].sum() == 0
+    assert copy["loops"] is not state["loops"] and copy["loops"]["steps"] is not state["loops"]["steps"]
+
+    io = BackgroundCheckpointIO(VerifiedCheckpointIO())
+    io.save_checkpoint({"state_dict": {"w": weights}, "global_step": 7}, tmp_path / "step-7.ckpt")
+    weights.add_(1.0)
+    io.teardown()  # waits for the writer thread
+    path, manifest = CheckpointStore(tmp_path).newest_verified()
+    assert manifest["global_step"] == 7 and torch.load(path)["state_dict"]["w"].tolist() == [1.0, 1.0, 1.0]
+
+
 def test_corrupt_and_truncated_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
     store = _fake_checkpoints(tmp_path / "checkpoints", [10, 20, 30])
     newest = store.folder / "step-000000030.ckpt"
@@ -133,7 +152,8 @@ def test_garbage_resume_path_is_a_one_line_error(tiny_data, tmp_path, capsys):
 
 def test_killed_host_is_survived_by_the_supervisor(tiny_data, tmp_path):
     """Three emulated hosts (network namespaces); one dies with its daemon mid-run; the supervisor
-    relaunches on the two that still answer and the run finishes, re-sharded over them."""
+    notices it stopped answering, relaunches on the two that still do and the run finishes, re-sharded
+    over them."""
     import os
     import subprocess
     import sys
@@ -166,6 +186,8 @@ def test_killed_host_is_survived_by_the_supervisor(tiny_data, tmp_path):
         assert proc.returncode == 0, err[-3000:]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["supervisor/restarts"] == 1 and metrics["world_size"] == 2
+        # the lost host is noticed by asking, not after the runtime's or the watchdog's minute-long timeouts
+        assert metrics["supervisor/downtime_s_total"] < 45, metrics["supervisor/downtime_s"]
         assert (run_dir / "hostfile.attempt-1").read_text().count("slots=") == 2
         assert "resuming from" in out
     finally:
