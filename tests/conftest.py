@@ -53,6 +53,21 @@ def train(tmp_path):
 
 
 @pytest.fixture
+def one_line_error(capsys):
+    """Run ``train.main(ARGS)`` in process: bad input must give one line ``error: ...`` and exit code 2."""
+    import train as train_script
+
+    def run(*argv: str) -> str:
+        code = train_script.main(list(argv))
+        err = capsys.readouterr().err.strip()
+        assert code == 2
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        return err
+
+    return run
+
+
+@pytest.fixture
 def mpirun(tmp_path):
     """Run ``python -m mpi4py SCRIPT ARGS`` on ``n`` ranks; fails the test on a non-zero exit."""
     from lightning_xd.launcher import mpirun_command, mpirun_environment

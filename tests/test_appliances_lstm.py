@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import train as train_script
 from datamodules.appliances import AppliancesDataModule
 from generators.appliances import write_appliances
 from models.lstm import LSTMForecaster
@@ -65,26 +64,18 @@ def test_pipeline_stages_give_the_model_output_and_start_at_persistence(applianc
     assert torch.allclose(h[:, 0], batch["last"])  # the untrained head predicts no change
 
 
-def _one_line_error(capsys, *argv):
-    code = train_script.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 @pytest.mark.parametrize("content, expected", [
     (None, "missing energydata_complete.csv"),
     ("Appliances,lights\n60,30\nsixty,30\n", "row 3 has Appliances = 'sixty'"),
     ("Energy,lights\n60,30\n", "could not be read"),
     ("Appliances,lights\n" + "60,30\n" * 20, "20 rows leave"),
 ])
-def test_bad_csv_is_one_line(capsys, tmp_path, monkeypatch, content, expected):
+def test_bad_csv_is_one_line(one_line_error, tmp_path, monkeypatch, content, expected):
     monkeypatch.setenv("XD_DOWNLOAD", "0")
     folder = tmp_path / "data" / "appliances_energy"
     folder.mkdir(parents=True)
     if content is not None:
         (folder / "energydata_complete.csv").write_text(content)
-    err = _one_line_error(capsys, "--model", "lstm", "--data-dir", str(tmp_path / "data"),
-                          "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error("--model", "lstm", "--data-dir", str(tmp_path / "data"),
+                         "--cache-dir", str(tmp_path / "cache"))
     assert expected in err and "energydata_complete.csv" in err

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import train as train_script
 from datamodules import cifar10
 from datamodules.cifar10 import CIFAR10DataModule, normalise, random_crop_and_flip
 from generators.cifar10 import CLASSES, class_colour, write_cifar10_batches, write_cifar10_jpegs
@@ -104,34 +103,27 @@ def test_pipeline_stages_are_the_model():
     assert len(calls) == len(stages)
 
 
-def _one_line_error(capsys, *argv):
-    code = train_script.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
-def test_missing_data_names_both_layouts(capsys, tmp_path):
-    err = _one_line_error(capsys, "--model", "cnn", "--data-dir", str(tmp_path / "empty"),
-                          "--cache-dir", str(tmp_path / "cache"))
+def test_missing_data_names_both_layouts(one_line_error, tmp_path):
+    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "empty"),
+                         "--cache-dir", str(tmp_path / "cache"))
     assert "cifar10_jpg" in err and "cifar-10-batches-py" in err
 
 
-def test_corrupt_jpeg_names_the_file(capsys, cifar_jpegs, tmp_path):
+def test_corrupt_jpeg_names_the_file(one_line_error, cifar_jpegs, tmp_path):
     broken = tmp_path / "data"
     shutil.copytree(cifar_jpegs, broken)
     (broken / "cifar10_jpg" / "test" / "cat" / "0001.jpg").write_bytes(b"not a jpeg")
-    err = _one_line_error(capsys, "--model", "cnn", "--data-dir", str(broken), "--cache-dir", str(tmp_path / "c"))
+    err = one_line_error("--model", "cnn", "--data-dir", str(broken), "--cache-dir", str(tmp_path / "c"))
     assert "cat/0001.jpg" in err and "not a decodable JPEG" in err
 
 
-def test_corrupt_python_batch_names_the_file(capsys, tmp_path):
+def test_corrupt_python_batch_names_the_file(one_line_error, tmp_path):
     folder = write_cifar10_batches(tmp_path / "data", per_batch=10)
     (folder / "data_batch_3").write_bytes(b"not a pickle")
-    err = _one_line_error(capsys, "--model", "cnn", "--data-dir", str(tmp_path / "data"),
-                          "--cache-dir", str(tmp_path / "c"))
+    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "data"),
+                         "--cache-dir", str(tmp_path / "c"))
     assert "data_batch_3" in err and "not a CIFAR-10 python batch" in err
     (folder / "test_batch").unlink()
-    err = _one_line_error(capsys, "--model", "cnn", "--data-dir", str(tmp_path / "data"),
-                          "--cache-dir", str(tmp_path / "c"))
+    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "data"),
+                         "--cache-dir", str(tmp_path / "c"))
     assert "missing test_batch" in err

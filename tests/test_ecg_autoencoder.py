@@ -7,7 +7,6 @@ import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import Trainer
 
-import train as train_script
 from datamodules.ecg import ECGDataModule
 from generators.ecg import COUNTS, write_ecg5000
 from models.autoencoder import DenseAutoencoder
@@ -71,14 +70,6 @@ def test_split_is_stratified_fixed_and_trains_on_normal_beats_only(ecg_data, tmp
     assert not np.array_equal(other_seed["test"].tensors[0].numpy(), parts["test"].tensors[0].numpy())
 
 
-def _one_line_error(capsys, *argv):
-    code = train_script.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 def _row(label: float, length: int = 140) -> str:
     return "".join(f"{v:15.7e}" for v in [label, *np.zeros(length)])
 
@@ -90,12 +81,12 @@ def _row(label: float, length: int = 140) -> str:
     (_row(1) + "\n" + _row(7) + "\n", "row 2 has class 7"),
     ("not numbers at all\n", "could not be read"),
 ])
-def test_bad_beat_file_is_one_line(capsys, tmp_path, monkeypatch, content, expected):
+def test_bad_beat_file_is_one_line(one_line_error, tmp_path, monkeypatch, content, expected):
     monkeypatch.setenv("XD_DOWNLOAD", "0")
     folder = tmp_path / "data" / "ecg" / "ecg5000"
     folder.mkdir(parents=True)
     if content is not None:
         (folder / "ECG5000_TRAIN.txt").write_text(content)
-    err = _one_line_error(capsys, "--model", "autoencoder", "--data-dir", str(tmp_path / "data"),
-                          "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error("--model", "autoencoder", "--data-dir", str(tmp_path / "data"),
+                         "--cache-dir", str(tmp_path / "cache"))
     assert expected in err and "ECG5000_TRAIN.txt" in err

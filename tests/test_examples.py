@@ -42,3 +42,17 @@ def test_config_states_what_it_shows_and_names_registered_things(config):
     if check_settings is not None:  # e.g. the hybrid strategy: processes a multiple of the pipeline stages
         fixed = {"nprocs": args.nprocs}  # and no model: that would need the data
         check_settings(**fixed, **accepted_settings(check_settings, resolved, exclude={**fixed, "model": None}))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.parent.name)
+def test_readme_gives_the_command_the_measurements_and_the_dashboard(config):
+    """Each example's README: the concept first, the command that shows it, what was measured, and
+    the dashboard picture, which is in the folder."""
+    folder = config.parent
+    readme = folder / "README.md"
+    assert readme.is_file(), f"{folder.name} has no README.md"
+    text = readme.read_text()
+    assert text.startswith(f"# {int(folder.name[:2])}. "), "the title is the example's number and concept"
+    assert f"python train.py --config examples/{folder.name}/config.yaml" in text
+    assert "## Measured here" in text
+    assert "](dashboard.png)" in text and (folder / "dashboard.png").is_file()

@@ -131,30 +131,22 @@ def test_two_ranks_equal_single_process_on_union(mpirun, tmp_path):
     assert not seeds[0] & seeds[steps]  # each rank trained on pairs of its own part
 
 
-def _one_line_error(capsys, *argv):
-    code = train_script.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 def _broken_ppi(ppi_dir, tmp_path):
     broken = tmp_path / "data"
     shutil.copytree(ppi_dir / "ppi", broken / "ppi")
     return broken
 
 
-def _run(capsys, data_dir, tmp_path):
-    return _one_line_error(capsys, "--model", "graphsage", "--data", "ppi", "--data-dir", str(data_dir),
-                           "--cache-dir", str(tmp_path / "cache"))
+def _run(one_line_error, data_dir, tmp_path):
+    return one_line_error("--model", "graphsage", "--data", "ppi", "--data-dir", str(data_dir),
+                          "--cache-dir", str(tmp_path / "cache"))
 
 
-def test_missing_ppi_files(capsys, tmp_path, ppi_dir):
-    assert "train_graph.json" in _run(capsys, tmp_path / "empty", tmp_path)
+def test_missing_ppi_files(one_line_error, tmp_path, ppi_dir):
+    assert "train_graph.json" in _run(one_line_error, tmp_path / "empty", tmp_path)
     broken = _broken_ppi(ppi_dir, tmp_path)
     (broken / "ppi" / "valid_labels.npy").unlink()
-    err = _run(capsys, broken, tmp_path)
+    err = _run(one_line_error, broken, tmp_path)
     assert "valid_labels.npy" in err and "train_graph.json" not in err
 
 
@@ -164,15 +156,15 @@ def test_missing_ppi_files(capsys, tmp_path, ppi_dir):
      "test_graph.json is not node-link graph JSON"),
     ("valid_feats.npy", "not numpy", "valid_feats.npy is not a .npy array"),
 ])
-def test_malformed_ppi_files(capsys, tmp_path, ppi_dir, name, content, expected):
+def test_malformed_ppi_files(one_line_error, tmp_path, ppi_dir, name, content, expected):
     broken = _broken_ppi(ppi_dir, tmp_path)
     (broken / "ppi" / name).write_text(content)
-    assert expected in _run(capsys, broken, tmp_path)
+    assert expected in _run(one_line_error, broken, tmp_path)
 
 
-def test_labels_of_the_wrong_length(capsys, tmp_path, ppi_dir):
+def test_labels_of_the_wrong_length(one_line_error, tmp_path, ppi_dir):
     import numpy as np
 
     broken = _broken_ppi(ppi_dir, tmp_path)
     np.save(broken / "ppi" / "test_labels.npy", np.zeros((3, 5), dtype=np.int64))
-    assert "test_labels.npy has 3 rows of labels" in _run(capsys, broken, tmp_path)
+    assert "test_labels.npy has 3 rows of labels" in _run(one_line_error, broken, tmp_path)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import train as train_script
 from datamodules import har
 from datamodules.har import HARDataModule, random_rotation
 from generators.hapt import GAP, SEGMENT, write_hapt
@@ -86,49 +85,42 @@ def test_rotation_turns_both_sensors_alike(hapt, tmp_path):
                                                                                  dm.test_set.windows[0])
 
 
-def _one_line_error(capsys, *argv):
-    code = train_script.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 def _broken_copy(hapt, tmp_path):
     broken = tmp_path / "data"
     shutil.copytree(hapt, broken)
     return broken, broken / "hapt_har" / "RawData"
 
 
-def _har_error(capsys, data_dir, tmp_path, *flags):
-    return _one_line_error(capsys, "--model", "cnn1d", "--data-dir", str(data_dir),
-                           "--cache-dir", str(tmp_path / "c"), *flags)
+def _har_error(one_line_error, data_dir, tmp_path, *flags):
+    return one_line_error("--model", "cnn1d", "--data-dir", str(data_dir),
+                          "--cache-dir", str(tmp_path / "c"), *flags)
 
 
-def test_missing_files(capsys, hapt, tmp_path):
-    assert "missing labels.txt" in _har_error(capsys, tmp_path / "empty", tmp_path)
+def test_missing_files(one_line_error, hapt, tmp_path):
+    assert "missing labels.txt" in _har_error(one_line_error, tmp_path / "empty", tmp_path)
     data, raw = _broken_copy(hapt, tmp_path)
     (raw / "gyro_exp04_user04.txt").unlink()
-    assert "missing gyro_exp04_user04.txt" in _har_error(capsys, data, tmp_path)
+    assert "missing gyro_exp04_user04.txt" in _har_error(one_line_error, data, tmp_path)
     for signal in raw.glob("*_exp*"):
         signal.unlink()
-    assert "no acc_expXX_userYY.txt" in _har_error(capsys, data, tmp_path)
+    assert "no acc_expXX_userYY.txt" in _har_error(one_line_error, data, tmp_path)
 
 
-def test_malformed_files_are_named(capsys, hapt, tmp_path):
+def test_malformed_files_are_named(one_line_error, hapt, tmp_path):
     data, raw = _broken_copy(hapt, tmp_path)
     with open(raw / "acc_exp02_user02.txt", "a") as f:
         f.write("0.1 oops 0.3\n")
-    err = _har_error(capsys, data, tmp_path)
+    err = _har_error(one_line_error, data, tmp_path)
     assert "acc_exp02_user02.txt" in err and "not a HAPT raw signal" in err
     shutil.copy(hapt / "hapt_har" / "RawData" / "acc_exp02_user02.txt", raw)
     (raw / "labels.txt").write_text("1 1 5 250\n")
-    assert "not HAPT's labels.txt" in _har_error(capsys, data, tmp_path)
+    assert "not HAPT's labels.txt" in _har_error(one_line_error, data, tmp_path)
     (raw / "labels.txt").write_text(f"1 1 5 1 {10 ** 6}\n")
-    assert "outside the recording" in _har_error(capsys, data, tmp_path)
+    assert "outside the recording" in _har_error(one_line_error, data, tmp_path)
 
 
-def test_bad_user_settings(capsys, hapt, tmp_path):
-    assert "share user(s) [4]" in _har_error(capsys, hapt, tmp_path, "--train-users", "1,3,4", "--val-user", "1")
-    assert "--val-user 2 must be one of" in _har_error(capsys, hapt, tmp_path, "--val-user", "2")
-    assert "user ids separated by commas" in _har_error(capsys, hapt, tmp_path, "--test-users", "two")
-    assert "no windows of user(s) 11" in _har_error(capsys, hapt, tmp_path, "--test-users", "2,11")
+def test_bad_user_settings(one_line_error, hapt, tmp_path):
+    assert "share user(s) [4]" in _har_error(one_line_error, hapt, tmp_path, "--train-users", "1,3,4", "--val-user", "1")
+    assert "--val-user 2 must be one of" in _har_error(one_line_error, hapt, tmp_path, "--val-user", "2")
+    assert "user ids separated by commas" in _har_error(one_line_error, hapt, tmp_path, "--test-users", "two")
+    assert "no windows of user(s) 11" in _har_error(one_line_error, hapt, tmp_path, "--test-users", "2,11")

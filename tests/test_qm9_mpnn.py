@@ -115,31 +115,23 @@ def test_one_epoch_in_process(qm9_dir, tmp_path):
     assert metrics["test/mae"] > 0 and metrics["test/mae_mean_predictor"] > 0
 
 
-def _one_line_error(capsys, *argv):
-    code = train_script.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 def _broken_copy(qm9_dir, tmp_path):
     broken = tmp_path / "data"
     shutil.copytree(qm9_dir / "qm9_subset", broken / "qm9_subset")
     return broken
 
 
-def _run(capsys, data_dir, tmp_path, *extra):
-    return _one_line_error(capsys, "--model", "mpnn", "--data-dir", str(data_dir), "--cache-dir",
-                           str(tmp_path / "cache"), *extra)
+def _run(one_line_error, data_dir, tmp_path, *extra):
+    return one_line_error("--model", "mpnn", "--data-dir", str(data_dir), "--cache-dir",
+                          str(tmp_path / "cache"), *extra)
 
 
-def test_missing_files(capsys, tmp_path, qm9_dir):
-    err = _run(capsys, tmp_path / "empty", tmp_path)
+def test_missing_files(one_line_error, tmp_path, qm9_dir):
+    err = _run(one_line_error, tmp_path / "empty", tmp_path)
     assert "qm9.csv" in err and "qm9_subset" in err
     broken = _broken_copy(qm9_dir, tmp_path)
     (broken / "qm9_subset" / "qm9_xyz" / "gdb_41.xyz").unlink()
-    assert "gdb_41.xyz" in _run(capsys, broken, tmp_path)
+    assert "gdb_41.xyz" in _run(one_line_error, broken, tmp_path)
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -147,20 +139,20 @@ def test_missing_files(capsys, tmp_path, qm9_dir):
     ("2\ncomment\nC 0 0 0\nXx 1 0 0\n", "gdb_41.xyz is not an XYZ file"),      # unknown element
     ("two\ncomment\nC 0 0 0\nH 1 0 0\n", "gdb_41.xyz is not an XYZ file"),     # no atom count
 ])
-def test_malformed_xyz(capsys, tmp_path, qm9_dir, content, expected):
+def test_malformed_xyz(one_line_error, tmp_path, qm9_dir, content, expected):
     broken = _broken_copy(qm9_dir, tmp_path)
     (broken / "qm9_subset" / "qm9_xyz" / "gdb_41.xyz").write_text(content)
-    assert expected in _run(capsys, broken, tmp_path)
+    assert expected in _run(one_line_error, broken, tmp_path)
 
 
-def test_malformed_csv(capsys, tmp_path, qm9_dir):
+def test_malformed_csv(one_line_error, tmp_path, qm9_dir):
     broken = _broken_copy(qm9_dir, tmp_path)
     csv = broken / "qm9_subset" / "qm9.csv"
     csv.write_text(csv.read_text().replace(",mu,", ",dipole,"))
-    err = _run(capsys, broken, tmp_path)
+    err = _run(one_line_error, broken, tmp_path)
     assert "qm9.csv is not a QM9 table" in err and "mu" in err
 
 
-def test_unknown_target(capsys, qm9_dir, tmp_path):
-    err = _run(capsys, qm9_dir, tmp_path, "--target", "energy")
+def test_unknown_target(one_line_error, qm9_dir, tmp_path):
+    err = _run(one_line_error, qm9_dir, tmp_path, "--target", "energy")
     assert "'energy' is not a QM9 target" in err and all(t in err for t in TARGETS)

@@ -8,7 +8,6 @@ import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import Trainer
 
-import train as train_script
 from datamodules.sensor_stream import SensorStreamDataModule
 from generators.sensor_stream import write_intel, write_occupancy
 from models.lstm import LSTMForecaster
@@ -101,8 +100,8 @@ def test_paced_stream_keeps_its_rate(stream_data, tmp_path, source, batch_size, 
     assert (last - first) / (ended - started) == pytest.approx(rate, rel=0.1)
 
 
-def test_negative_stream_rate_is_one_line(capsys):
-    err = _one_line_error(capsys, "--model", "lstm", "--data", "sensor-stream", "--stream-rate", "-1")
+def test_negative_stream_rate_is_one_line(one_line_error):
+    err = one_line_error("--model", "lstm", "--data", "sensor-stream", "--stream-rate", "-1")
     assert "--stream-rate" in err
 
 
@@ -117,14 +116,6 @@ def test_running_errors_score_each_window_before_training_on_it(stream_data, tmp
     # the head starts at "no change", so the first batch, forecast before its step, scores as persistence
     assert model.running_rmse.compute() == pytest.approx(float(model.running_rmse_persistence.compute()))
     assert model.running_rmse.update_count == 1
-
-
-def _one_line_error(capsys, *argv):
-    code = train_script.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 def _broken_copy(stream_data, tmp_path, name, content):
@@ -148,14 +139,14 @@ def _broken_copy(stream_data, tmp_path, name, content):
     ("intel", "intelTemperatureTest.csv", "1.83E+01,1.82E+01\n", "has 1 sensors"),
     ("intel", "intelTemperatureTrain.csv", "1.83E+01,oops\n", "could not be read"),
 ])
-def test_bad_files_are_one_line(capsys, stream_data, tmp_path, monkeypatch, source, name, content, expected):
+def test_bad_files_are_one_line(one_line_error, stream_data, tmp_path, monkeypatch, source, name, content, expected):
     monkeypatch.setenv("XD_DOWNLOAD", "0")
     root = _broken_copy(stream_data, tmp_path, name, content)
-    err = _one_line_error(capsys, "--model", "lstm", "--data", "sensor-stream", "--source", source,
-                          "--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error("--model", "lstm", "--data", "sensor-stream", "--source", source,
+                         "--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"))
     assert expected in err and name in err
 
 
-def test_unknown_source_is_one_line(capsys):
-    err = _one_line_error(capsys, "--model", "lstm", "--data", "sensor-stream", "--source", "weather")
+def test_unknown_source_is_one_line(one_line_error):
+    err = one_line_error("--model", "lstm", "--data", "sensor-stream", "--source", "weather")
     assert "--source 'weather'" in err

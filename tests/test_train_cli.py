@@ -4,7 +4,6 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import train as train_script
 from lightning_xd.cli import parse_args
 
 
@@ -31,42 +30,34 @@ def test_two_processes_train_log_and_test(train, tiny_data, tmp_path, strategy):
     assert proc.stdout.count("Test metric") == 1, "only rank 0 prints"
 
 
-def _one_line_error(capsys, *argv):
-    code = train_script.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 @pytest.mark.parametrize("flag, name", [("--model", "resnet9000"), ("--data", "mnist"), ("--strategy", "magic")])
-def test_unknown_names(capsys, flag, name):
+def test_unknown_names(one_line_error, flag, name):
     args = {"--model": "gcn", flag: name}
-    err = _one_line_error(capsys, *[x for kv in args.items() for x in kv])
+    err = one_line_error(*[x for kv in args.items() for x in kv])
     assert f"unknown {flag[2:]} {name!r}" in err and "valid" in err
 
 
-def test_missing_data_names_the_files(capsys, tmp_path, monkeypatch):
+def test_missing_data_names_the_files(one_line_error, tmp_path, monkeypatch):
     monkeypatch.setenv("XD_DOWNLOAD", "0")
-    err = _one_line_error(capsys, "--model", "gcn", "--data-dir", str(tmp_path / "empty"),
-                          "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error("--model", "gcn", "--data-dir", str(tmp_path / "empty"),
+                         "--cache-dir", str(tmp_path / "cache"))
     assert "ind.cora.x" in err and "planetoid_raw" in err
 
 
-def test_corrupt_data_file(capsys, tiny_data, tmp_path):
+def test_corrupt_data_file(one_line_error, tiny_data, tmp_path):
     import shutil
 
     broken = tmp_path / "data"
     shutil.copytree(tiny_data, broken)
     (broken / "cora" / "planetoid_raw" / "ind.cora.allx").write_bytes(b"not a pickle")
-    err = _one_line_error(capsys, "--model", "gcn", "--data-dir", str(broken), "--cache-dir", str(tmp_path / "c"))
+    err = one_line_error("--model", "gcn", "--data-dir", str(broken), "--cache-dir", str(tmp_path / "c"))
     assert "could not be read" in err
 
 
-def test_impossible_world_size(capsys):
-    err = _one_line_error(capsys, "--model", "gcn", "--strategy", "single", "--nprocs", "2")
+def test_impossible_world_size(one_line_error):
+    err = one_line_error("--model", "gcn", "--strategy", "single", "--nprocs", "2")
     assert "at most 1" in err
-    err = _one_line_error(capsys, "--model", "gcn", "--nprocs", "0")
+    err = one_line_error("--model", "gcn", "--nprocs", "0")
     assert "at least 1" in err
 
 
@@ -75,14 +66,14 @@ def test_exit_code_of_the_script(train):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
 
 
-def test_config_file_and_command_line_precedence(tmp_path, capsys):
+def test_config_file_and_command_line_precedence(tmp_path, one_line_error):
     config = tmp_path / "c.yaml"
     config.write_text("model: gcn\nmax-epochs: 7\nlr: 0.5\nhidden_channels: 32\ndropout: 0.1\n")
     args = parse_args(["--config", str(config), "--lr", "0.1", "--hidden-channels", "64"])
     assert (args.model, args.max_epochs, args.lr) == ("gcn", 7, 0.1)
     assert args.extra == {"hidden_channels": "64", "dropout": 0.1}
     config.write_text("model: gcn\nhiden_channels: 32\n")
-    err = _one_line_error(capsys, "--config", str(config))
+    err = one_line_error("--config", str(config))
     assert "unknown flag(s) --hiden-channels" in err and "--list" in err
 
 
