@@ -14,10 +14,10 @@ official test subjects in this subset). One training user (``val_user``) is held
 validation, so every setting is chosen without the test users; ``--val-user 0`` (the default)
 holds none out: the final fit on every training user, with the settings chosen that way. The
 defaults (rotation 45 degrees, 50 epochs) won leave-one-training-user-out validation over the six
-training users against 90 and 180 degrees, 64 channels, 30 epochs and batches of 16 (commands and
-scores in examples/06_realtime_cnn1d_har/README.md). Phones sit at different angles on
-different people: training windows are turned by a random 3D rotation (acc and gyro by the same
-one) of up to ``max_rotation_deg`` degrees.
+training users against 90 and 180 degrees, 64 channels, 30 epochs and batches of 16 (the command
+and the defaults' per-user scores are in examples/06_realtime_cnn1d_har/README.md). Phones sit at
+different angles on different people: training windows are turned by a random 3D rotation (acc
+and gyro by the same one) of up to ``max_rotation_deg`` degrees.
 """
 from __future__ import annotations
 
