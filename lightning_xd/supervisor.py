@@ -109,8 +109,7 @@ class Supervisor:
             try:
                 code = self._wait(proc)
             except KeyboardInterrupt:
-                proc.terminate()
-                return proc.wait()
+                return _end(proc)
             progress = read_progress(self.run_dir)
             self.attempts.append({"attempt": attempt, "exit_code": code, "started": started, "ended": time.time(),
                                   "nprocs": self.nprocs, **progress})

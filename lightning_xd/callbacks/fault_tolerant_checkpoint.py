@@ -4,10 +4,11 @@ Saved every N steps and/or T seconds, at epoch ends and when training ends, thro
 ``trainer.save_checkpoint`` (so model, optimizer and LR-scheduler state, loop progress, the
 training loader's position inside the epoch, callback and datamodule state all use Lightning's
 hooks). The strategy's checkpoint IO (``VerifiedCheckpointIO``, by default in the background behind
-``BackgroundCheckpointIO``) writes them atomically with a sha256 manifest and keeps the last K. An epoch end is skipped while the newest checkpoint is younger than
-``min_seconds``: epochs of one or a few steps (a full-graph GCN, the ECG autoencoder) would
-otherwise spend more time checkpointing than training. This callback's own state is every process's random-number-generator state,
-so a resumed run draws the same dropout masks as an uninterrupted one.
+``BackgroundCheckpointIO``) writes them atomically with a sha256 manifest and keeps the last K. An
+epoch end is skipped while the newest checkpoint is younger than ``min_seconds``: epochs of one or
+a few steps (a full-graph GCN, the ECG autoencoder) would otherwise spend more time checkpointing
+than training. This callback's own state is every process's random-number-generator state, so a
+resumed run draws the same dropout masks as an uninterrupted one.
 """
 from __future__ import annotations
 
