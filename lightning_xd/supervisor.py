@@ -129,8 +129,9 @@ class Supervisor:
 
     def _wait(self, proc: subprocess.Popen) -> int:
         """The job's exit code. With remote hosts, each is asked every ``HOST_CHECK_SECONDS`` whether it
-        still answers: once one does not, the job is ended at once, instead of waiting for the runtime to
-        notice its lost daemon or for the survivors' collectives to time out (a minute or two here)."""
+        still answers: once one does not, the job is ended at once. A killed process or daemon is
+        noticed by the runtime itself, but a machine that loses power or its network sends no TCP
+        reset, and the job would wait on it until some timeout of the runtime or the collective watchdog."""
         remote = [h for h in read_hostfile(self.hostfile) if h[0] not in LOCAL_HOSTS] if self.hostfile else []
         while remote:
             try:
