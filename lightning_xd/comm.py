@@ -129,6 +129,14 @@ class Handle:
         return self._result
 
 
+def _staged_for_reduction(tensor: Tensor, op: ReduceOpLike) -> tuple[str, "_Staged"]:
+    """The reduction's name and the tensor staged as an MPI buffer (dense tensors only)."""
+    name = op_name(op)
+    if tensor.is_sparse:
+        raise TypeError("sparse tensors are reduced with allreduce_sparse()")
+    return name, _Staged(tensor, for_reduction=True)
+
+
 class Communicator:
     """Torch tensors over one MPI communicator (the whole job's by default)."""
 
@@ -172,27 +180,20 @@ class Communicator:
         the blocking ones are the faster (benchmarks/allreduce.py)."""
         if self.size == 1:
             return self._local_reduce(tensor, op)
-        name = op_name(op)
-        if tensor.is_sparse:
-            raise TypeError("sparse tensors are reduced with allreduce_sparse()")
-        staged = _Staged(tensor, for_reduction=True)
+        name, staged = _staged_for_reduction(tensor, op)
         self.mpi.Allreduce(MPI.IN_PLACE, staged.buffer(), _MPI_OPS[name])
-        result = staged.finish()
-        return self._mean(result, self.size) if name == "mean" else result
+        return self._reduced(staged, name, self.size)
 
     def iallreduce(self, tensor: Tensor, op: ReduceOpLike = "sum") -> Handle:
-        name = op_name(op)
-        if tensor.is_sparse:
-            raise TypeError("sparse tensors are reduced with allreduce_sparse()")
-        staged = _Staged(tensor, for_reduction=True)
+        name, staged = _staged_for_reduction(tensor, op)
         request = self.mpi.Iallreduce(MPI.IN_PLACE, staged.buffer(), _MPI_OPS[name])
         size = self.size
+        return Handle(request, lambda: self._reduced(staged, name, size), staged)
 
-        def finish() -> Tensor:
-            result = staged.finish()
-            return self._mean(result, size) if name == "mean" else result
-
-        return Handle(request, finish, staged)
+    def _reduced(self, staged: "_Staged", name: str, size: int) -> Tensor:
+        """The reduced tensor, back in the caller's tensor (divided by ``size`` for a mean)."""
+        result = staged.finish()
+        return self._mean(result, size) if name == "mean" else result
 
     def _local_reduce(self, tensor: Tensor, op: ReduceOpLike) -> Tensor:
         op_name(op)  # validate even when there is nothing to reduce

@@ -137,7 +137,9 @@ class Supervisor:
             try:
                 return proc.wait(timeout=HOST_CHECK_SECONDS)
             except subprocess.TimeoutExpired:
-                lost = [host for host, _ in remote if not answering_hosts([(host, 1)], self.launch_agent)]
+                pass
+            answering = {host for host, _ in answering_hosts(remote, self.launch_agent)}
+            lost = [host for host, _ in remote if host not in answering]
             if lost and proc.poll() is None:
                 print(f"supervisor: host(s) {', '.join(lost)} stopped answering; ending the job to restart "
                       "without them", file=sys.stderr, flush=True)

@@ -26,7 +26,7 @@ from lightning_xd.comm import Communicator
 from lightning_xd.errors import UserError
 from lightning_xd.gradient_buckets import GradientBuckets
 from lightning_xd.microbatch import split_batch
-from lightning_xd.pipeline import SCHEDULES, PipelineStage, partition
+from lightning_xd.pipeline import SCHEDULES, PipelineStage, StepTimes, partition
 from lightning_xd.registry import STRATEGIES
 from strategies.mpi_allreduce import MPIAllReduceStrategy
 
@@ -166,10 +166,10 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         steps = self.runner.recorded[1:] or self.runner.recorded  # the first step includes warm-up
         idle = sum(t.idle_fraction for t in steps) / max(1, len(steps))
         own_params = sum(p.numel() for m in self.own_modules for p in m.parameters())
+        last = self.runner.recorded[-1] if self.runner.recorded else StepTimes()
         per_rank = self.comm.allgather_object({
             "bubble": idle, "params": own_params, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "timeline": self.runner.recorded[-1].timeline if self.runner.recorded else [],
-            "step_s": self.runner.recorded[-1].total if self.runner.recorded else 0.0})
+            "timeline": last.timeline, "step_s": last.total})
         total_params = sum(r["params"] for r in per_rank[: self.stages])
         p, m = self.stages, self.microbatches
         self._summary = {
