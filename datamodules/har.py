@@ -17,7 +17,9 @@ defaults (rotation 45 degrees, 50 epochs) won leave-one-training-user-out valida
 training users against 90 and 180 degrees, 64 channels, 30 epochs and batches of 16 (the command
 and the defaults' per-user scores are in examples/06_realtime_cnn1d_har/README.md). Phones sit at
 different angles on different people: training windows are turned by a random 3D rotation (acc
-and gyro by the same one) of up to ``max_rotation_deg`` degrees.
+and gyro by the same one) of up to ``max_rotation_deg`` degrees. A person lies on the back, a side
+or the front, which turns a waist phone about the body's long axis (its x axis): lying windows are
+first rolled about that axis by up to ``lying_roll_deg`` degrees, so that every way of lying is seen.
 """
 from __future__ import annotations
 
@@ -37,12 +39,14 @@ from lightning_xd.progress import progress
 from lightning_xd.registry import DATAMODULES
 
 ACTIVITIES = ("walking", "walking_upstairs", "walking_downstairs", "sitting", "standing", "lying")
+BODY_AXIS = torch.tensor([1.0, 0.0, 0.0])  # the phone's x axis points along the spine when worn at the waist
 RECORDING = re.compile(r"acc_exp(\d+)_user(\d+)\.txt")
 
 
-def random_rotation(max_degrees: float) -> torch.Tensor:
-    """A 3x3 rotation about a uniformly random axis by an angle uniform in [-max_degrees, max_degrees]."""
-    axis = torch.randn(3)
+def random_rotation(max_degrees: float, axis: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A 3x3 rotation by an angle uniform in [-max_degrees, max_degrees] about ``axis`` (default: uniformly random)."""
+    if axis is None:
+        axis = torch.randn(3)
     axis = axis / axis.norm()
     angle = math.radians(max_degrees) * (2 * torch.rand(()) - 1)
     cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
@@ -50,21 +54,32 @@ def random_rotation(max_degrees: float) -> torch.Tensor:
 
 
 class Windows(Dataset):
-    """(6, 128) windows with activity ids and users; training ones may be randomly rotated on access."""
+    """(6, 128) windows with activity ids and users; training ones may be randomly rotated on access.
+
+    Every window may be turned by up to ``max_rotation_deg`` about a random axis (where the phone
+    sits on the waist); windows of ``roll_label`` (lying) are first rolled by up to ``max_roll_deg``
+    about the phone's x axis, the body's long axis: lying on the back, a side or the front.
+    """
 
     def __init__(self, windows: torch.Tensor, labels: torch.Tensor, users: torch.Tensor,
-                 max_rotation_deg: float = 0.0):
-        self.windows, self.labels, self.users, self.max_rotation_deg = windows, labels, users, max_rotation_deg
+                 max_rotation_deg: float = 0.0, roll_label: Optional[int] = None, max_roll_deg: float = 0.0):
+        self.windows, self.labels, self.users = windows, labels, users
+        self.max_rotation_deg, self.roll_label, self.max_roll_deg = max_rotation_deg, roll_label, max_roll_deg
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        window = self.windows[index]
+        window, label = self.windows[index], self.labels[index]
+        rotation = None
+        if self.max_roll_deg > 0 and label == self.roll_label:
+            rotation = random_rotation(self.max_roll_deg, axis=BODY_AXIS)
         if self.max_rotation_deg > 0:
-            rotation = random_rotation(self.max_rotation_deg)  # one for both sensors: they sit in one phone
+            placement = random_rotation(self.max_rotation_deg)
+            rotation = placement if rotation is None else placement @ rotation
+        if rotation is not None:  # one for both sensors: they sit in one phone
             window = torch.cat([rotation @ xyz for xyz in window.split(3)])
-        return window, self.labels[index]
+        return window, label
 
 
 def read_signal(path: Path) -> np.ndarray:
@@ -119,10 +134,12 @@ def parse_users(text: str | int, flag: str) -> tuple[int, ...]:
 class HARDataModule(LightningDataModule):
     def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 32,
                  window: int = 128, step: int = 64, train_users: str = "1,3,5,6,7,8",
-                 test_users: str = "2,4,9,10", val_user: int = 0, max_rotation_deg: float = 45.0):
+                 test_users: str = "2,4,9,10", val_user: int = 0, max_rotation_deg: float = 45.0,
+                 lying_roll_deg: float = 180.0):
         super().__init__()
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
-        self.window, self.step, self.max_rotation_deg = window, step, max_rotation_deg
+        self.window, self.step = window, step
+        self.max_rotation_deg, self.lying_roll_deg = max_rotation_deg, lying_roll_deg
         self.train_users = parse_users(train_users, "--train-users")
         self.test_users = parse_users(test_users, "--test-users")
         self.val_user = val_user
@@ -187,16 +204,17 @@ class HARDataModule(LightningDataModule):
             return
         self.data = self._windowed()
         fit_users = [u for u in self.train_users if u != self.val_user]
-        self.train_set = self._subset(fit_users, self.max_rotation_deg)
-        self.val_set = self._subset([self.val_user], 0.0) if self.val_user else None
-        self.test_set = self._subset(self.test_users, 0.0)
+        self.train_set = self._subset(fit_users, augment=True)
+        self.val_set = self._subset([self.val_user]) if self.val_user else None
+        self.test_set = self._subset(self.test_users)
 
-    def _subset(self, users, max_rotation_deg: float) -> Windows:
+    def _subset(self, users, augment: bool = False) -> Windows:
         chosen = torch.isin(self.data["users"], torch.tensor(users))
         if not chosen.any():
             raise DataError(f"HAPT: no windows of user(s) {', '.join(map(str, users))} in {self.raw_dir}")
-        return Windows(self.data["windows"][chosen], self.data["labels"][chosen], self.data["users"][chosen],
-                       max_rotation_deg)
+        turns = dict(max_rotation_deg=self.max_rotation_deg, roll_label=ACTIVITIES.index("lying"),
+                     max_roll_deg=self.lying_roll_deg) if augment else {}
+        return Windows(self.data["windows"][chosen], self.data["labels"][chosen], self.data["users"][chosen], **turns)
 
     def model_kwargs(self) -> dict:
         self.setup()

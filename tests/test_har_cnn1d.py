@@ -85,6 +85,24 @@ def test_rotation_turns_both_sensors_alike(hapt, tmp_path):
                                                                                  dm.test_set.windows[0])
 
 
+def test_lying_windows_roll_about_the_body_axis_and_others_do_not(hapt, tmp_path):
+    dm = _datamodule(hapt, tmp_path, max_rotation_deg=0.0, lying_roll_deg=180.0, val_user=VAL_USER)
+    lying = har.ACTIVITIES.index("lying")
+    rolled = 0
+    for index in range(len(dm.train_set)):
+        window, label = dm.train_set[index]
+        original = dm.train_set.windows[index]
+        if label != lying:
+            assert torch.equal(window, original)
+            continue
+        for turned, before in zip(window.split(3), original.split(3)):
+            assert torch.equal(turned[0], before[0])  # x, the body's long axis, is the axis of the roll
+            assert torch.allclose(turned[1:].norm(dim=0), before[1:].norm(dim=0), atol=1e-5)
+        rolled += not torch.allclose(window, original)
+    assert rolled > 0
+    assert torch.equal(dm.test_set[0][0], dm.test_set.windows[0])
+
+
 def _broken_copy(hapt, tmp_path):
     broken = tmp_path / "data"
     shutil.copytree(hapt, broken)
