@@ -20,6 +20,8 @@ different angles on different people: training windows are turned by a random 3D
 and gyro by the same one) of up to ``max_rotation_deg`` degrees. A person lies on the back, a side
 or the front, which turns a waist phone about the body's long axis (its x axis): lying windows are
 first rolled about that axis by up to ``lying_roll_deg`` degrees, so that every way of lying is seen.
+Each validation/test batch holds one person's windows (on each rank, that rank's share of them),
+so a model can normalise a batch by its own statistics: calibrate to the person without labels.
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ from typing import Optional
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_xd.data import cache_dir, digest, eval_sampler, load_or_build, require_files
+from lightning_xd.data import cache_dir, digest, load_or_build, require_files
 from lightning_xd.errors import DataError, UserError
 from lightning_xd.progress import progress
 from lightning_xd.registry import DATAMODULES
@@ -69,8 +71,8 @@ class Windows(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
-        window, label = self.windows[index], self.labels[index]
+    def __getitem__(self, index: int | list[int]):
+        window, label = self.windows[index], self.labels[index]  # a list of indices: an unrotated batch
         rotation = None
         if self.max_roll_deg > 0 and label == self.roll_label:
             rotation = random_rotation(self.max_roll_deg, axis=BODY_AXIS)
@@ -80,6 +82,26 @@ class Windows(Dataset):
         if rotation is not None:  # one for both sensors: they sit in one phone
             window = torch.cat([rotation @ xyz for xyz in window.split(3)])
         return window, label
+
+
+class PersonBatches(DistributedSampler):
+    """Evaluation batches of one person each: this rank's share (every ``num_replicas``-th) of their windows.
+
+    Every rank gets one batch per person, so all ranks run equally many steps and each window is
+    scored once. A DistributedSampler, so that Lightning keeps it instead of injecting its own;
+    used with ``batch_size=None``: each item it yields is a list of indices, read in one go.
+    """
+
+    def __init__(self, users: torch.Tensor, num_replicas: int = 1, rank: int = 0):
+        super().__init__(users, num_replicas=num_replicas, rank=rank, shuffle=False)
+        shares = [torch.nonzero(users == person).flatten()[rank::num_replicas].tolist() for person in users.unique()]
+        self.batches = [share for share in shares if share]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def read_signal(path: Path) -> np.ndarray:
@@ -223,8 +245,10 @@ class HARDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=256, sampler=eval_sampler(dataset, self.trainer))
+    def _eval_loader(self, dataset: Windows) -> DataLoader:
+        shards = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        people = PersonBatches(dataset.users, shards.get("num_replicas", 1), shards.get("rank", 0))
+        return DataLoader(dataset, batch_size=None, sampler=people)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader(self.val_set) if self.val_set is not None else []

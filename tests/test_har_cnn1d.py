@@ -1,5 +1,6 @@
-"""1D CNN on HAPT windows: windowing, the split by person, rotations, train.py runs with latency, errors."""
+"""1D CNN on HAPT windows: windowing, the split by person, rotations, per-person evaluation, errors."""
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from datamodules import har
 from datamodules.har import HARDataModule, random_rotation
+from models.cnn1d import CNN1D, own_batch_statistics
 from generators.hapt import GAP, SEGMENT, write_hapt
 
 TRAIN_USERS, TEST_USERS, VAL_USER = (1, 3, 5, 6, 7, 8), (2, 4, 9, 10), 8
@@ -101,6 +103,43 @@ def test_lying_windows_roll_about_the_body_axis_and_others_do_not(hapt, tmp_path
         rolled += not torch.allclose(window, original)
     assert rolled > 0
     assert torch.equal(dm.test_set[0][0], dm.test_set.windows[0])
+
+
+def test_each_evaluation_batch_is_one_persons_share(hapt, tmp_path):
+    dm = _datamodule(hapt, tmp_path, val_user=VAL_USER)
+    users = dm.test_set.users
+    whole = dm.test_dataloader()  # one process: each person's windows in one batch
+    assert [set(users[b].tolist()) for b in whole.sampler] == [{u} for u in TEST_USERS]
+    for (windows, labels), batch in zip(whole, whole.sampler):
+        assert torch.equal(windows, dm.test_set.windows[batch]) and torch.equal(labels, dm.test_set.labels[batch])
+    scored = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"rank": rank, "num_replicas": 2})
+        batches = list(dm.test_dataloader().sampler)
+        assert len(batches) == len(TEST_USERS)  # ranks run equally many steps
+        assert all(len(set(users[b].tolist())) == 1 for b in batches)
+        scored += [i for b in batches for i in b]
+    assert sorted(scored) == list(range(len(users)))  # every window once over both ranks
+    assert [len(b) for b in dm.val_dataloader().sampler] == [WINDOWS_PER_SEGMENT * 6 // 2]  # rank 1: half of user 8
+
+
+def test_evaluation_normalises_each_batch_by_its_own_statistics():
+    torch.manual_seed(0)
+    model = CNN1D(6, 6)
+    model(torch.randn(16, 6, 128) * 3 + 1)  # training mode: running statistics of "training people"
+    model.eval()
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    person = torch.randn(8, 6, 128)
+    with torch.no_grad():
+        plain = model(person)
+        with own_batch_statistics(model):
+            adapted = model(person)
+            louder = model(2.5 * person)  # a person whose signals are 2.5 times larger
+        assert not torch.allclose(model(2.5 * person), plain, atol=1e-3)
+    assert torch.allclose(adapted, louder, atol=1e-4)  # calibrated away without labels
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())  # running statistics untouched
+    assert not model.training and all(not m.training for m in model.modules())
 
 
 def _broken_copy(hapt, tmp_path):
