@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_xd.data import cache_dir, digest, load_or_build, require_files
+from lightning_xd.data import cache_dir, digest, load_or_build, rank_shard, require_files
 from lightning_xd.errors import DataError, UserError
 from lightning_xd.progress import progress
 from lightning_xd.registry import DATAMODULES
@@ -246,9 +246,8 @@ class HARDataModule(LightningDataModule):
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
     def _eval_loader(self, dataset: Windows) -> DataLoader:
-        shards = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
-        people = PersonBatches(dataset.users, shards.get("num_replicas", 1), shards.get("rank", 0))
-        return DataLoader(dataset, batch_size=None, sampler=people)
+        rank, num_shards = rank_shard(self.trainer)
+        return DataLoader(dataset, batch_size=None, sampler=PersonBatches(dataset.users, num_shards, rank))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader(self.val_set) if self.val_set is not None else []
