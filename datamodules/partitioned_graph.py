@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -260,7 +261,7 @@ def parse_fanouts(fanouts: str) -> list[int]:
     return values
 
 
-class PartitionedGraphDataModule(LightningDataModule):
+class PartitionedGraphDataModule(LightningDataModule, ABC):
     """Base of the GraphSAGE datasets: a subclass provides ``load_graph`` and ``source_files``.
 
     ``load_graph`` returns a dict: ``edge_index`` (both directions, no self-loops or duplicates),
@@ -281,8 +282,9 @@ class PartitionedGraphDataModule(LightningDataModule):
         self.part: Optional[dict] = None
         self.summary: Optional[dict] = None
 
+    @abstractmethod
     def load_graph(self) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} must say where its graph comes from")
+        """The whole graph as described above; each subclass says where it comes from."""
 
     def source_files(self) -> list[Path]:
         """The input files (their contents key the cache); may also check that they exist."""
