@@ -22,6 +22,9 @@ or the front, which turns a waist phone about the body's long axis (its x axis):
 first rolled about that axis by up to ``lying_roll_deg`` degrees, so that every way of lying is seen.
 Each validation/test batch holds one person's windows (on each rank, that rank's share of them),
 so a model can normalise a batch by its own statistics: calibrate to the person without labels.
+Unless ``batch_size`` (per process) is given, a training step takes 32 windows across all
+processes (16 each on 2): the settings were validated with 32 windows per step, and 32 per process
+on 2 processes (64 a step, half the steps) scored lower on the held-out training users.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from lightning_xd.errors import DataError, UserError
 from lightning_xd.progress import progress
 from lightning_xd.registry import DATAMODULES
 
+STEP_WINDOWS = 32  # windows per training step over all processes, unless --batch-size sets them per process
 ACTIVITIES = ("walking", "walking_upstairs", "walking_downstairs", "sitting", "standing", "lying")
 BODY_AXIS = torch.tensor([1.0, 0.0, 0.0])  # the phone's x axis points along the spine when worn at the waist
 RECORDING = re.compile(r"acc_exp(\d+)_user(\d+)\.txt")
@@ -154,7 +158,7 @@ def parse_users(text: str | int, flag: str) -> tuple[int, ...]:
 
 @DATAMODULES.register("har")
 class HARDataModule(LightningDataModule):
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 32,
+    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: Optional[int] = None,
                  window: int = 128, step: int = 64, train_users: str = "1,3,5,6,7,8",
                  test_users: str = "2,4,9,10", val_user: int = 0, max_rotation_deg: float = 45.0,
                  lying_roll_deg: float = 180.0):
@@ -242,8 +246,15 @@ class HARDataModule(LightningDataModule):
         self.setup()
         return {"in_channels": self.data["windows"].shape[1], "num_classes": len(ACTIVITIES)}
 
+    def train_batch_size(self) -> int:
+        """Windows per process in a training step: ``batch_size``, else a share of STEP_WINDOWS."""
+        if self.batch_size:
+            return self.batch_size
+        _, num_shards = rank_shard(self.trainer)
+        return max(1, STEP_WINDOWS // num_shards)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+        return DataLoader(self.train_set, batch_size=self.train_batch_size(), shuffle=True)
 
     def _eval_loader(self, dataset: Windows) -> DataLoader:
         rank, num_shards = rank_shard(self.trainer)

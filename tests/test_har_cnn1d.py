@@ -181,3 +181,13 @@ def test_bad_user_settings(one_line_error, hapt, tmp_path):
     assert "--val-user 2 must be one of" in _har_error(one_line_error, hapt, tmp_path, "--val-user", "2")
     assert "user ids separated by commas" in _har_error(one_line_error, hapt, tmp_path, "--test-users", "two")
     assert "no windows of user(s) 11" in _har_error(one_line_error, hapt, tmp_path, "--test-users", "2,11")
+
+
+def test_a_training_step_takes_32_windows_over_all_processes_unless_batch_size_is_given(hapt, tmp_path):
+    dm = _datamodule(hapt, tmp_path)
+    assert dm.train_dataloader().batch_size == 32  # one process
+    dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"rank": 1, "num_replicas": 2})
+    assert dm.train_dataloader().batch_size == 16  # two processes share the step's 32 windows
+    explicit = _datamodule(hapt, tmp_path, batch_size=8)
+    explicit.trainer = SimpleNamespace(distributed_sampler_kwargs={"rank": 0, "num_replicas": 2})
+    assert explicit.train_dataloader().batch_size == 8  # --batch-size is per process, as for every dataset
