@@ -248,7 +248,7 @@ class HARDataModule(LightningDataModule):
 
     def train_batch_size(self) -> int:
         """Windows per process in a training step: ``batch_size``, else a share of STEP_WINDOWS."""
-        if self.batch_size:
+        if self.batch_size is not None:  # an explicit --batch-size is used as given, 0 included
             return self.batch_size
         _, num_shards = rank_shard(self.trainer)
         return max(1, STEP_WINDOWS // num_shards)
