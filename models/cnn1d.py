@@ -8,11 +8,17 @@ people's statistics is off-centre on a new person. With ``adapt_bn`` (the defaul
 evaluation batch is normalised by its own batch-norm statistics (AdaBN, Li et al. 2016), and the
 har datamodule makes each evaluation batch one person's windows: the network calibrates to each
 person from their unlabelled recording; the statistics kept for training are left untouched.
+Which way a network tips between sitting and standing for a person who sits at their standing tilt
+depends on its random start, so ``members`` (default 3) such CNNs are trained side by side in one
+network (grouped convolutions, each member with its own loss) and their probabilities averaged: a
+packed ensemble (Laurent et al. 2023). It scored as one CNN on held-out training users (0.964) but
+no longer moved with the seed (0.965 and 0.964 against 0.968 and 0.960), at twice the step time.
 Reference: 1D CNNs on UCI HAR's raw windows reach ~90-91% test accuracy (all 30 users); our
 subset has 10 users, trained on 5 (one training user validates) and tested on 4.
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -22,6 +28,7 @@ from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_xd.errors import UserError
 from lightning_xd.registry import MODELS
 
 
@@ -61,39 +68,56 @@ def own_batch_statistics(module: nn.Module):
             m.training, m.running_mean, m.running_var, m.num_batches_tracked = training, mean, var, count
 
 
-def conv_bn_relu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2, bias=False), nn.BatchNorm1d(c_out),
-                         nn.ReLU(inplace=True))
+def conv_bn_relu(c_in: int, c_out: int, kernel: int, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm1d(c_out), nn.ReLU(inplace=True))
 
 
 @MODELS.register("cnn1d", data="har", max_epochs=50)
 class CNN1D(LightningModule):
     def __init__(self, in_channels: int, num_classes: int, channels: int = 32, kernel_size: int = 7,
-                 dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-4, adapt_bn: bool = True):
+                 dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-4, adapt_bn: bool = True,
+                 members: int = 3):
         super().__init__()
+        if members < 1:
+            raise UserError(f"--members {members}: a model needs at least one member (1 = a single CNN)")
         self.save_hyperparameters()
-        c, k = channels, kernel_size
+        c, k, m = channels * members, kernel_size, members
+        # ``members`` CNNs side by side as one network: grouped convolutions keep them apart
         self.features = nn.Sequential(
-            conv_bn_relu(in_channels, c, k), nn.MaxPool1d(2),  # 128 -> 64 samples
-            conv_bn_relu(c, 2 * c, k), nn.MaxPool1d(2),  # -> 32
-            conv_bn_relu(2 * c, 2 * c, k),
-            nn.AdaptiveAvgPool1d(1), nn.Flatten())
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * c, num_classes))
+            conv_bn_relu(in_channels * m, c, k, m), nn.MaxPool1d(2),  # 128 -> 64 samples
+            conv_bn_relu(c, 2 * c, k, m), nn.MaxPool1d(2),  # -> 32
+            conv_bn_relu(2 * c, 2 * c, k, m),
+            nn.AdaptiveAvgPool1d(1))
+        # a 1x1 grouped convolution: each member's own linear classifier
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Conv1d(2 * c, num_classes * m, 1, groups=m))
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         # one instance for fit and test: Lightning asks configure_callbacks again for each
         self.latency = TrainStepLatency()
 
+    def member_logits(self, windows: torch.Tensor) -> torch.Tensor:
+        """(batch, members, classes): every member's logits for the same windows."""
+        members = self.hparams.members
+        logits = self.classifier(self.features(windows.repeat(1, members, 1)))
+        return logits.view(len(windows), members, -1)
+
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(windows))
+        """Log of the members' mean probability (the logits themselves for one member)."""
+        logits = self.member_logits(windows)
+        if logits.shape[1] == 1:
+            return logits[:, 0]
+        return torch.logsumexp(logits.log_softmax(-1), dim=1) - math.log(logits.shape[1])
 
     def configure_callbacks(self) -> list[Callback]:
         return [self.latency]
 
     def training_step(self, batch, batch_idx):
         windows, target = batch
-        loss = F.cross_entropy(self(windows), target)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=target.numel())
+        logits = self.member_logits(windows)
+        members = logits.shape[1]  # the sum of the members' losses: each learns as if trained alone
+        loss = F.cross_entropy(logits.flatten(0, 1), target.repeat_interleave(members)) * members
+        self.log("train/loss", loss / members, on_step=False, on_epoch=True, sync_dist=True, batch_size=target.numel())
         return loss
 
     def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> None:

@@ -142,6 +142,24 @@ def test_evaluation_normalises_each_batch_by_its_own_statistics():
     assert not model.training and all(not m.training for m in model.modules())
 
 
+def test_members_are_separate_cnns_whose_probabilities_are_averaged():
+    torch.manual_seed(0)
+    windows = torch.randn(4, 6, 128)
+    single = CNN1D(6, 6).eval()
+    with torch.no_grad():
+        assert torch.equal(single(windows), single.member_logits(windows)[:, 0])  # one member: a plain CNN
+    model = CNN1D(6, 6, members=3).eval()
+    with torch.no_grad():
+        logits = model.member_logits(windows)
+        assert logits.shape == (4, 3, 6) and not torch.allclose(logits[:, 0], logits[:, 1])
+        assert torch.allclose(model(windows).exp(), logits.softmax(-1).mean(1), atol=1e-6)
+    model.train()
+    model.member_logits(windows)[:, 1].sum().backward()  # one member's output moves only its own weights
+    for conv in [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]:
+        per_member = conv.weight.grad.view(3, -1).abs().sum(1)  # output channels are grouped by member
+        assert per_member[1] > 0 and per_member[0] == 0 and per_member[2] == 0
+
+
 def _broken_copy(hapt, tmp_path):
     broken = tmp_path / "data"
     shutil.copytree(hapt, broken)
@@ -181,6 +199,8 @@ def test_bad_user_settings(one_line_error, hapt, tmp_path):
     assert "--val-user 2 must be one of" in _har_error(one_line_error, hapt, tmp_path, "--val-user", "2")
     assert "user ids separated by commas" in _har_error(one_line_error, hapt, tmp_path, "--test-users", "two")
     assert "no windows of user(s) 11" in _har_error(one_line_error, hapt, tmp_path, "--test-users", "2,11")
+    assert "--members 0: a model needs at least one member" in _har_error(one_line_error, hapt, tmp_path,
+                                                                             "--members", "0")
 
 
 def test_a_training_step_takes_32_windows_over_all_processes_unless_batch_size_is_given(hapt, tmp_path):
