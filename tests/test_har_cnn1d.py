@@ -145,7 +145,7 @@ def test_evaluation_normalises_each_batch_by_its_own_statistics():
 def test_members_are_separate_cnns_whose_probabilities_are_averaged():
     torch.manual_seed(0)
     windows = torch.randn(4, 6, 128)
-    single = CNN1D(6, 6).eval()
+    single = CNN1D(6, 6, members=1).eval()
     with torch.no_grad():
         assert torch.equal(single(windows), single.member_logits(windows)[:, 0])  # one member: a plain CNN
     model = CNN1D(6, 6, members=3).eval()
