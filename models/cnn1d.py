@@ -11,8 +11,9 @@ person from their unlabelled recording; the statistics kept for training are lef
 Which way a network tips between sitting and standing for a person who sits at their standing tilt
 depends on its random start, so ``members`` (default 3) such CNNs are trained side by side in one
 network (grouped convolutions, each member with its own loss) and their probabilities averaged: a
-packed ensemble (Laurent et al. 2023). It scored as one CNN on held-out training users (0.964) but
-no longer moved with the seed (0.965 and 0.964 against 0.968 and 0.960), at twice the step time.
+packed ensemble (Laurent et al. 2023). It scored as one CNN on held-out training users (0.963
+against 0.962) but moved less with the seed (0.964 and 0.962 against 0.968 and 0.957), at
+1.4-1.8 times the step time.
 Reference: 1D CNNs on UCI HAR's raw windows reach ~90-91% test accuracy (all 30 users); our
 subset has 10 users, trained on 5 (one training user validates) and tested on 4.
 """
