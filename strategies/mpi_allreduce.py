@@ -37,14 +37,14 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
 
     strategy_name = "mpi"
 
-    def __init__(self, bucket_size_mb: float = 25.0, fault_tolerance: str = "ulfm",
-                 collective_timeout: float = 300.0, **kwargs: Any):
+    def __init__(self, bucket_size_mb: Optional[float] = None, find_unused_parameters: bool = False,
+                 fault_tolerance: str = "ulfm", collective_timeout: float = 300.0, **kwargs: Any):
         self.comm: Communicator = world()
         self.collective_comm: Communicator = self.comm
         environment = MPIEnvironment(self.comm)
         super().__init__(parallel_devices=[device_for(environment.local_rank())],
                          cluster_environment=environment, **kwargs)
-        self.bucket_size_mb = bucket_size_mb
+        self.bucket_size_mb, self.find_unused_parameters = bucket_size_mb, find_unused_parameters
         self.gradients: Optional[GradientBuckets] = None
         self.enable_recovery(fault_tolerance, collective_timeout)
 
@@ -73,7 +73,7 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
 
     def gradient_sync(self) -> Optional[GradientBuckets]:
         """What averages gradients after backward: the bucketed, overlapped allreduce."""
-        return GradientBuckets(self.model, self.replicas, self.bucket_size_mb)
+        return GradientBuckets(self.model, self.replicas, self.bucket_size_mb, self.find_unused_parameters)
 
     def metric_sync_guard(self):
         """A metric's gather is watched like any collective; a process lost there (during validation or
@@ -105,6 +105,11 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
             with torch.no_grad():
                 self.with_recovery(lambda: wait_all([self.replicas.ibroadcast(b, root=0) for b in buffers]),
                                    "broadcasting buffers")
+
+    def pre_backward(self, closure_loss: torch.Tensor) -> None:
+        """Before backward: the buckets follow the parameters that now require gradients."""
+        if self.gradients is not None:
+            self.gradients.prepare_for_backward(closure_loss)
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         """Wait for the gradient buckets and average: every rank now holds the same gradients."""

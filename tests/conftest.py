@@ -67,21 +67,33 @@ def one_line_error(capsys):
     return run
 
 
+def run_mpi(n: int, script: str, *args: str, cwd: Path, timeout: float = 180, mpirun_args=(),
+            check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m mpi4py tests/mpi_scripts/SCRIPT ARGS`` on ``n`` ranks under a timeout; with ``check``,
+    a non-zero exit (or the timeout) fails the calling test and shows the job's output."""
+    from lightning_xd.launcher import mpirun_command, mpirun_environment
+
+    cmd = mpirun_command(n, [str(REPO / "tests" / "mpi_scripts" / script), *args], mpirun_args=mpirun_args)
+    if n > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
+        cmd.insert(1, "--oversubscribe")
+    env = {**mpirun_environment(), **_env(Path(cwd)), **(env or {})}
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        output = lambda b: (b.decode(errors="replace") if isinstance(b, bytes) else (b or ""))[-4000:]  # noqa: E731
+        pytest.fail(f"mpirun ran over {timeout} s\n--- stdout\n{output(err.stdout)}\n--- stderr\n{output(err.stderr)}")
+    if check and proc.returncode != 0:
+        pytest.fail(f"mpirun exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                    f"--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
 @pytest.fixture
 def mpirun(tmp_path):
     """Run ``python -m mpi4py SCRIPT ARGS`` on ``n`` ranks; fails the test on a non-zero exit."""
-    from lightning_xd.launcher import mpirun_command, mpirun_environment
 
     def run(n: int, script: str, *args: str, timeout: float = 180, mpirun_args=(),
             check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-        cmd = mpirun_command(n, [str(REPO / "tests" / "mpi_scripts" / script), *args], mpirun_args=mpirun_args)
-        if n > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
-            cmd.insert(1, "--oversubscribe")
-        env = {**mpirun_environment(), **_env(tmp_path), **(env or {})}
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            pytest.fail(f"mpirun exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                        f"--- stderr\n{proc.stderr[-4000:]}")
-        return proc
+        return run_mpi(n, script, *args, cwd=tmp_path, timeout=timeout, mpirun_args=mpirun_args, check=check, env=env)
 
     return run
