@@ -10,48 +10,54 @@ finishes.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Callable, Optional, Union
 
-import mpi4py
 import torch
 from torch import Tensor
 
-# Join MPI on first use, not on import: the process that starts mpirun must never join MPI itself
-# (it would hand its own MPI environment down to the job it launches).
-mpi4py.rc(initialize=False, finalize=True, thread_level="multiple")
-# Open MPI's default non-blocking allreduce (libnbc) reaches ~55% of the blocking MPI_Allreduce from
-# 1 MB up on shared memory; Rabenseifner's algorithm matches it (benchmarks/allreduce.py). Read when
-# MPI starts; a user's own setting wins.
-os.environ.setdefault("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "3")
-from mpi4py import MPI  # noqa: E402
-
-ANY_SOURCE = MPI.ANY_SOURCE
-ANY_TAG = MPI.ANY_TAG
-
-_MPI_TYPES = {
-    torch.float32: MPI.FLOAT,
-    torch.float64: MPI.DOUBLE,
-    torch.int8: MPI.INT8_T,
-    torch.uint8: MPI.UINT8_T,
-    torch.int16: MPI.INT16_T,
-    torch.int32: MPI.INT32_T,
-    torch.int64: MPI.INT64_T,
-    torch.bool: MPI.C_BOOL,
-    torch.complex64: MPI.C_FLOAT_COMPLEX,
-    torch.complex128: MPI.C_DOUBLE_COMPLEX,
-    # MPI has no 16-bit float type: moved as raw 16-bit words, reduced in float32.
-    torch.float16: MPI.INT16_T,
-    torch.bfloat16: MPI.INT16_T,
-}
+# MPI is imported (and so started) on first use, never on import of this module: the process that
+# starts mpirun must not join MPI itself (it would hand its MPI environment down to the job it
+# launches), and a process that never uses us must see mpi4py exactly as Lightning expects it.
+ANY_SOURCE = ANY_TAG = -1  # MPI_ANY_SOURCE / MPI_ANY_TAG (checked against mpi4py when MPI starts)
 _NO_MPI_ARITHMETIC = (torch.float16, torch.bfloat16, torch.bool)
-_DTYPE_CODES = list(_MPI_TYPES)
+_DTYPE_CODES = [torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
+                torch.bool, torch.complex64, torch.complex128, torch.float16, torch.bfloat16]
+_OP_NAMES = {"sum": "SUM", "mean": "SUM", "avg": "SUM", "max": "MAX", "min": "MIN", "prod": "PROD",
+             "product": "PROD", "band": "BAND", "bor": "BOR", "bxor": "BXOR"}
 _HEADER_WORDS = 10  # dtype, ndim, up to 8 dimensions
 
-_MPI_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "avg": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN,
-            "prod": MPI.PROD, "product": MPI.PROD, "band": MPI.BAND, "bor": MPI.BOR,
-            "bxor": MPI.BXOR}
+
+@functools.cache
+def mpi() -> Any:
+    """mpi4py's MPI module, MPI started with thread support on first call."""
+    import mpi4py
+
+    # Open MPI's default non-blocking allreduce (libnbc) reaches ~55% of the blocking MPI_Allreduce from
+    # 1 MB up on shared memory; Rabenseifner's algorithm matches it (benchmarks/allreduce.py). Read when
+    # MPI starts; a user's own setting wins.
+    os.environ.setdefault("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "3")
+    mpi4py.rc.thread_level = "multiple"
+    from mpi4py import MPI
+
+    assert (MPI.ANY_SOURCE, MPI.ANY_TAG) == (ANY_SOURCE, ANY_TAG)
+    return MPI
+
+
+@functools.cache
+def _mpi_types() -> dict:
+    MPI = mpi()
+    # MPI has no 16-bit float type: moved as raw 16-bit words, reduced in float32.
+    return dict(zip(_DTYPE_CODES, [MPI.FLOAT, MPI.DOUBLE, MPI.INT8_T, MPI.UINT8_T, MPI.INT16_T, MPI.INT32_T,
+                                   MPI.INT64_T, MPI.C_BOOL, MPI.C_FLOAT_COMPLEX, MPI.C_DOUBLE_COMPLEX,
+                                   MPI.INT16_T, MPI.INT16_T]))
+
+
+def _mpi_op(name: str) -> Any:
+    return getattr(mpi(), _OP_NAMES[name])
+
 
 ReduceOpLike = Union[str, Any]  # "sum" | "mean" | torch.distributed.ReduceOp.SUM | ...
 
@@ -59,19 +65,19 @@ ReduceOpLike = Union[str, Any]  # "sum" | "mean" | torch.distributed.ReduceOp.SU
 def op_name(op: ReduceOpLike) -> str:
     """Normalise "mean", "AVG", torch's ReduceOp.SUM ... to a lowercase name."""
     name = (op if isinstance(op, str) else str(op).rsplit(".", 1)[-1]).lower()
-    if name not in _MPI_OPS:
-        raise ValueError(f"unsupported reduce op {op!r}; use one of {sorted(_MPI_OPS)}")
+    if name not in _OP_NAMES:
+        raise ValueError(f"unsupported reduce op {op!r}; use one of {sorted(_OP_NAMES)}")
     return "mean" if name == "avg" else name
 
 
 def _buffer(tensor: Tensor) -> list:
     """A zero-copy MPI buffer spec over a contiguous CPU tensor."""
     nbytes = tensor.numel() * tensor.element_size()
-    mpi_type = _MPI_TYPES.get(tensor.dtype)
+    mpi_type = _mpi_types().get(tensor.dtype)
     if mpi_type is None:
         raise TypeError(f"dtype {tensor.dtype} cannot be sent through MPI")
     count = nbytes // mpi_type.Get_size()
-    return [MPI.buffer.fromaddress(tensor.data_ptr(), nbytes), count, mpi_type]
+    return [mpi().buffer.fromaddress(tensor.data_ptr(), nbytes), count, mpi_type]
 
 
 class _Staged:
@@ -103,7 +109,7 @@ class _Staged:
 class Handle:
     """A non-blocking operation in flight. ``wait()`` completes it and returns its result."""
 
-    def __init__(self, request: MPI.Request, finish: Callable[[], Any], keepalive: Any = None):
+    def __init__(self, request: Any, finish: Callable[[], Any], keepalive: Any = None):
         self._request = request
         self._finish = finish
         self._keepalive = keepalive  # buffers MPI is still reading or writing
@@ -140,7 +146,7 @@ def _staged_for_reduction(tensor: Tensor, op: ReduceOpLike) -> tuple[str, "_Stag
 class Communicator:
     """Torch tensors over one MPI communicator (the whole job's by default)."""
 
-    def __init__(self, mpi_comm: Optional[MPI.Comm] = None):
+    def __init__(self, mpi_comm: Optional[Any] = None):
         self.mpi = mpi_comm if mpi_comm is not None else world().mpi
         self._local: Optional[Communicator] = None
 
@@ -181,12 +187,12 @@ class Communicator:
         if self.size == 1:
             return self._local_reduce(tensor, op)
         name, staged = _staged_for_reduction(tensor, op)
-        self.mpi.Allreduce(MPI.IN_PLACE, staged.buffer(), _MPI_OPS[name])
+        self.mpi.Allreduce(mpi().IN_PLACE, staged.buffer(), _mpi_op(name))
         return self._reduced(staged, name, self.size)
 
     def iallreduce(self, tensor: Tensor, op: ReduceOpLike = "sum") -> Handle:
         name, staged = _staged_for_reduction(tensor, op)
-        request = self.mpi.Iallreduce(MPI.IN_PLACE, staged.buffer(), _MPI_OPS[name])
+        request = self.mpi.Iallreduce(mpi().IN_PLACE, staged.buffer(), _mpi_op(name))
         size = self.size
         return Handle(request, lambda: self._reduced(staged, name, size), staged)
 
@@ -234,7 +240,7 @@ class Communicator:
         send = _Staged(tensor.reshape(-1) if tensor.dim() else tensor.reshape(1))
         out = torch.empty((sum(counts) * row_numel,), dtype=tensor.dtype, device=tensor.device)
         recv = _Staged(out, copy_in=False)
-        words = _MPI_TYPES[tensor.dtype].Get_size()
+        words = _mpi_types()[tensor.dtype].Get_size()
         per_item = row_numel * tensor.element_size() // words
         sizes = [c * per_item for c in counts]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -269,10 +275,10 @@ class Communicator:
         request = self.mpi.Isend(staged.buffer(), dest=dest, tag=tag)
         return Handle(request, lambda: tensor, staged)
 
-    def recv(self, tensor: Tensor, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> MPI.Status:
+    def recv(self, tensor: Tensor, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Any:
         """Receive into ``tensor``; the returned status says who sent it, with which tag."""
         staged = _Staged(tensor, copy_in=False)
-        status = MPI.Status()
+        status = mpi().Status()
         self.mpi.Recv(staged.buffer(), source=source, tag=tag, status=status)
         staged.finish()
         return status
@@ -306,7 +312,7 @@ class Communicator:
 
     def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Optional[tuple[int, int]]:
         """(source, tag) of a message waiting to be received, or None (never blocks)."""
-        status = MPI.Status()
+        status = mpi().Status()
         if self.mpi.Iprobe(source=source, tag=tag, status=status):
             return status.Get_source(), status.Get_tag()
         return None
@@ -344,7 +350,5 @@ def world() -> Communicator:
     """The communicator of every process in this job (MPI starts on first use)."""
     global _world
     if _world is None:
-        if not MPI.Is_initialized():
-            MPI.Init_thread(MPI.THREAD_MULTIPLE)
-        _world = Communicator(MPI.COMM_WORLD)
+        _world = Communicator(mpi().COMM_WORLD)
     return _world

@@ -22,11 +22,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from mpi4py import MPI
+from lightning_xd.comm import Communicator, mpi
 
-from lightning_xd.comm import Communicator
-
-_FAILURE_CLASSES = {MPI.ERR_PROC_FAILED, MPI.ERR_REVOKED, getattr(MPI, "ERR_PROC_FAILED_PENDING", MPI.ERR_PROC_FAILED)}
 HANG_EXIT_CODE = 75
 
 
@@ -41,7 +38,7 @@ def available() -> bool:
 
 def enable(comm: Communicator) -> None:
     """Return errors from MPI calls on ``comm`` (and communicators derived from it) instead of aborting."""
-    comm.mpi.Set_errhandler(MPI.ERRORS_RETURN)
+    comm.mpi.Set_errhandler(mpi().ERRORS_RETURN)
 
 
 class Watchdog:
@@ -82,10 +79,19 @@ def detect(watchdog: Optional[Watchdog] = None, what: str = "a collective") -> I
         else:
             with watchdog.watching(what):
                 yield
-    except MPI.Exception as err:
-        if err.Get_error_class() in _FAILURE_CLASSES:
+    except Exception as err:
+        if is_process_failure(err):
             raise ProcessFailure(str(err)) from None
         raise
+
+
+def is_process_failure(err: Exception) -> bool:
+    """Whether an MPI error says a process failed (or the communicator was revoked because one did)."""
+    if "mpi4py.MPI" not in sys.modules:
+        return False
+    MPI = mpi()
+    failures = {MPI.ERR_PROC_FAILED, MPI.ERR_REVOKED, getattr(MPI, "ERR_PROC_FAILED_PENDING", MPI.ERR_PROC_FAILED)}
+    return isinstance(err, MPI.Exception) and err.Get_error_class() in failures
 
 
 def agree(comm: Communicator) -> None:
@@ -97,6 +103,7 @@ def shrink(comm: Communicator) -> tuple[Communicator, list[int]]:
     """The survivors' new communicator, and the ranks (in ``comm``) that were lost."""
     comm.mpi.Revoke()
     survivors = comm.mpi.Shrink()
+    MPI = mpi()
     survivors.Set_errhandler(MPI.ERRORS_RETURN)
     lost_group = MPI.Group.Difference(comm.mpi.Get_group(), survivors.Get_group())
     lost = MPI.Group.Translate_ranks(lost_group, list(range(lost_group.Get_size())), comm.mpi.Get_group())
