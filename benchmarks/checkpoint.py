@@ -111,7 +111,7 @@ def run(args) -> None:
     harness.quiet()
     comm = world()
     common.check_world(comm, args.nprocs, "checkpoint")
-    harness.share_cores(comm.local().size)
+    harness.share_cores()
     settings = {"data_dir": args.data_dir, "cache_dir": args.cache_dir, "batch_size": args.batch_size}
     folder = Path(comm.broadcast_object(args.checkpoint_dir or tempfile.mkdtemp(prefix="xd-bench-ckpt-")))
     try:

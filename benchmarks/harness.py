@@ -36,10 +36,23 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def share_cores(processes_on_host: int) -> int:
-    """Each process gets its share of the host's cores, as train.py gives them; returns the threads."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_on_host))
-    return torch.get_num_threads()
+_PLACED_ON = frozenset(os.sched_getaffinity(0))  # the cores mpirun bound this process to
+
+
+def share_cores(alone: bool = False) -> int:
+    """Threads for the next run, as train.py gives them (``lightning_xd.cores``); returns them.
+
+    ``alone``: this process runs by itself (``single`` while the others wait): it may use every core of
+    the machine, as train.py's one process would, so it leaves the cores mpirun bound it to."""
+    from lightning_xd.cores import share_cores as share
+
+    if alone:
+        everything = set(range(os.cpu_count() or 1))
+        os.sched_setaffinity(0, everything)
+        torch.set_num_threads(len(everything))
+        return torch.get_num_threads()
+    os.sched_setaffinity(0, _PLACED_ON)
+    return share(world().local())
 
 
 @dataclass(frozen=True)

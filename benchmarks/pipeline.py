@@ -66,7 +66,7 @@ def run(args) -> None:
 
     harness.quiet()
     common.check_world(world(), args.nprocs, "pipeline")
-    harness.share_cores(world().local().size)
+    harness.share_cores()
     workload = harness.Workload.of(args.model, {"data_dir": args.data_dir, "cache_dir": args.cache_dir,
                                                 "batch_size": args.batch_size})
     workload.prepare()

@@ -220,7 +220,7 @@ def run(args) -> None:
     harness.quiet()
     comm = world()
     common.check_world(comm, args.nprocs, "straggler")
-    harness.share_cores(comm.local().size)
+    harness.share_cores()
     workload = harness.Workload.of(args.model, {"data_dir": args.data_dir, "cache_dir": args.cache_dir,
                                                 "batch_size": args.batch_size})
     workload.prepare()

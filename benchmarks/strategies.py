@@ -103,7 +103,7 @@ def measure(workload, name: str, args) -> dict:
     from lightning_xd.comm import world
 
     processes = 1 if name == "single" else world().size
-    threads = harness.share_cores(1 if name == "single" else world().local().size)
+    threads = harness.share_cores(alone=name == "single")
     method = SPLIT[name]
     timer = st.StepTimer(args.warmup, switch_exchange_off=method == "switch", align=method in ("switch", "bubble"))
     steps = args.warmup + args.steps * (2 if method == "switch" else 1)

@@ -40,13 +40,27 @@ def mpirun_command(nprocs: int, script_argv: Sequence[str], hostfile: Optional[s
         if not Path(hostfile).is_file():
             raise UserError(f"hostfile {hostfile} not found; give a file with one 'host slots=N' line per machine")
         cmd += ["--hostfile", hostfile]
-    elif nprocs > (os.cpu_count() or 1):
-        cmd += ["--oversubscribe", "--bind-to", "none"]
+    cmd += binding(nprocs, hostfile)
     for name in sorted(os.environ if env is None else env):
         if name.startswith(_FORWARDED_PREFIXES):
             cmd += ["-x", name]
     cmd += ["--wdir", os.getcwd(), *mpirun_args, sys.executable, "-m", "mpi4py", *script_argv]
     return cmd
+
+
+def binding(nprocs: int, hostfile: Optional[str] = None) -> list[str]:
+    """How mpirun places and binds the ranks (see ``lightning_xd.cores`` for the threads they then run).
+
+    On this host, with a rank per core or fewer: k = cores // ranks whole cores each (``PE=k``); Open
+    MPI's default would bind each rank to a single core whatever the host has. More ranks than cores,
+    or other hosts whose cores we do not know: unbound, each rank sharing its host's cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if hostfile:
+        return ["--bind-to", "none"]
+    if nprocs > cores:
+        return ["--oversubscribe", "--bind-to", "none"]
+    return ["--map-by", f"slot:PE={cores // nprocs}", "--bind-to", "core"]
 
 
 def mpirun_environment(launch_agent: Optional[str] = None) -> dict[str, str]:
