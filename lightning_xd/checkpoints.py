@@ -4,6 +4,10 @@ Writing: the checkpoint goes to a temporary file, is fsynced and renamed; then a
 (``<name>.json``: sha256, size, step, epoch, world size ...) is written the same way. The
 manifest is the commit: a checkpoint without one (a write that was killed) is never loaded, and
 one whose bytes do not match its manifest is skipped with a one-line warning.
+
+A manifest also records which run wrote the checkpoint (``run``: model, dataset and strategy
+names, also kept inside the checkpoint in its callback's state); a run resumes only a checkpoint
+of its own kind (``check_same_run``). Checkpoints written before that record existed resume as before.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ from torch import Tensor
 from lightning_xd.errors import UserError
 
 MANIFEST_VERSION = 1
+RESUME_PATH_FIX = "resume it with that --model, --data and --strategy, or give --resume another checkpoint or never"
+AUTO_RESUME_FIX = ("--resume auto takes the newest checkpoint of --run-dir: give another --run-dir, or --resume never "
+                   "to start afresh (its checkpoints are moved aside)")
 
 
 def sha256_of(path: Path) -> str:
@@ -72,7 +79,7 @@ class CheckpointStore:
         write_json_durably(self.folder / f"{name}.json", manifest)
         return final
 
-    def manifests(self) -> list[dict[str, Any]]:
+    def manifests(self, warn: bool = True) -> list[dict[str, Any]]:
         """Committed checkpoints, newest (highest step, then latest) first."""
         found = []
         for path in self.folder.glob("*.json") if self.folder.is_dir() else []:
@@ -81,7 +88,8 @@ class CheckpointStore:
                 manifest["manifest_path"] = str(path)
                 found.append(manifest)
             except (OSError, ValueError):
-                print(f"warning: skipping checkpoint manifest {path}: unreadable", flush=True)
+                if warn:
+                    print(f"warning: skipping checkpoint manifest {path}: unreadable", flush=True)
         return sorted(found, key=lambda m: (m.get("global_step", -1), m.get("created", 0)), reverse=True)
 
     def verify(self, manifest: dict[str, Any]) -> Optional[str]:
@@ -145,7 +153,37 @@ def check_readable(path: Path) -> dict[str, Any]:
                         "give a .ckpt written by train.py") from None
     if not isinstance(content, dict) or "state_dict" not in content:
         raise UserError(f"--resume {path} is not a Lightning checkpoint (no state_dict)")
-    return {"global_step": content.get("global_step", 0)}
+    run = recorded_run(content)
+    return {"global_step": content.get("global_step", 0), **({"run": run} if run else {})}
+
+
+def read_manifest(checkpoint: Path) -> Optional[dict[str, Any]]:
+    """The manifest beside ``checkpoint``, unverified; None when there is none or it is unreadable."""
+    try:
+        manifest = json.loads(checkpoint.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def recorded_run(content: dict) -> Optional[dict[str, str]]:
+    """The run a loaded checkpoint says wrote it (kept in its checkpoint callback's state), if any."""
+    for state in (content.get("callbacks") or {}).values():
+        info = state.get("manifest_info") if isinstance(state, dict) else None
+        if isinstance(info, dict) and isinstance(info.get("run"), dict):
+            return info["run"]
+    return None
+
+
+def check_same_run(path: Path, saved: Optional[dict[str, str]], run: Optional[dict[str, str]],
+                   fix: str = RESUME_PATH_FIX) -> None:
+    """One-line error when the checkpoint at ``path`` was saved by another model, dataset or strategy
+    than ``run``. Nothing is known (and nothing said) of checkpoints that predate the record."""
+    if not saved or not run or all(saved.get(key) == run[key] for key in run):
+        return
+    raise UserError(f"checkpoint {path} was saved by model {saved.get('model', '?')} on {saved.get('data', '?')} "
+                    f"with strategy {saved.get('strategy', '?')}; this run is {run['model']} on {run['data']} with "
+                    f"strategy {run['strategy']}; {fix}")
 
 
 class VerifiedCheckpointIO(TorchCheckpointIO):

@@ -5,10 +5,16 @@ datamodule's batch size ...), so a config file or the command line only states w
 Beyond the flags below, any ``--name VALUE`` that names a constructor parameter of the chosen
 model, dataset or strategy reaches it (``--hidden-channels 64``, ``--target alpha``); ``--list``
 shows them. Names no constructor takes are refused with a one-line error.
+
+Every mistake is one line (``UserError``), never argparse's usage text: a value of the wrong type
+(on the command line or in the config file, whose errors name the file and the key) or outside
+its domain (``registry.DOMAINS``: ``--max-epochs 0``, ``--lr -1``). A config value is checked
+only where the command line does not override it.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -16,10 +22,24 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from lightning_xd.errors import UserError
+from lightning_xd.registry import check_domain, convert
+
+_UNSET = object()  # marks the flags the command line does not give
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"{message}; `python train.py --help` lists the flags and their values")
+
+
+def true_or_false(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(text)
+    return text.lower() in ("1", "true", "yes")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py", description="Train any registered model with any registered strategy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML file of flags (names with - or _); the command line wins")
@@ -52,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--ckpt-min-seconds", type=float, default=10.0,
                     help="skip an epoch-end checkpoint while the newest one is younger than this")
     ft.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (every epoch end is one)")
-    ft.add_argument("--background-checkpoints", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+    ft.add_argument("--background-checkpoints", type=true_or_false, default=True,
                     metavar="true|false", help="write checkpoints from a snapshot in a background thread")
     ft.add_argument("--resume", default="auto",
                     help="auto: newest verified checkpoint of an unfinished run; never; or a checkpoint PATH")
@@ -74,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+def _read_config(path: str) -> dict[str, tuple[str, Any]]:
+    """``{flag name: (key as written, value)}`` of a YAML config file."""
     try:
         loaded = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -85,7 +106,19 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         return {}
     if not isinstance(loaded, dict):
         raise UserError(f"config file {path} must be a mapping of flag names to values")
-    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    return {str(k).replace("-", "_"): (str(k), v) for k, v in loaded.items()}
+
+
+def _typed(action: argparse.Action, value: Any, where: str) -> Any:
+    """A config file's value for one of the parser's flags, converted to the flag's type and checked."""
+    boolean = isinstance(action, argparse._StoreTrueAction) or action.type is true_or_false
+    kind = bool if boolean else action.type if action.type in (int, float) else str
+    value = convert(inspect.Parameter(action.dest, inspect.Parameter.KEYWORD_ONLY, annotation=kind.__name__),
+                    value, where, typed=True)
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{where} {value!r} is not one of {', '.join(map(str, action.choices))}")
+    check_domain(action.dest, value, where)
+    return value
 
 
 def _extra_flags(tokens: Sequence[str]) -> dict[str, Any]:
@@ -107,16 +140,28 @@ def _extra_flags(tokens: Sequence[str]) -> dict[str, Any]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parsed flags; those for a model, dataset or strategy are in ``args.extra`` (checked later)."""
+    """Parsed and checked flags; those for a model, dataset or strategy are in ``args.extra`` (checked
+    by the runner against the constructors), with ``args.extra_from`` naming the config file and key
+    of those that came from one."""
     parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    from_file = _config_defaults(parser, first.config) if first.config else {}
-    known = {a.dest for a in parser._actions}
-    parser.set_defaults(**{k: v for k, v in from_file.items() if k in known})
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    given, _ = parser.parse_known_args(argv, argparse.Namespace(**dict.fromkeys(actions, _UNSET)))
+    on_command_line = {dest for dest, value in vars(given).items() if value is not _UNSET}
+    path = given.config if "config" in on_command_line else None
+    from_file = _read_config(path) if path else {}
+    where = {dest: f"config file {path}, key {key}:" for dest, (key, _) in from_file.items()}
+    parser.set_defaults(**{dest: _typed(actions[dest], value, where[dest]) for dest, (_, value) in from_file.items()
+                           if dest in actions and dest not in on_command_line and value is not None})
     args, rest = parser.parse_known_args(argv)
-    args.extra = {**{k: v for k, v in from_file.items() if k not in known}, **_extra_flags(rest)}
-    if args.nprocs < 1:
-        raise UserError(f"--nprocs must be at least 1, got {args.nprocs}")
+    extra = _extra_flags(rest)
+    from_file = {dest: value for dest, (_, value) in from_file.items() if dest not in actions and value is not None}
+    args.extra = {**from_file, **extra}
+    args.extra_from = {dest: where[dest] for dest in from_file if dest not in extra}
+    for dest in on_command_line:
+        check_domain(dest, getattr(args, dest))
+    if args.max_restarts > 0 and args.min_nprocs is not None and args.min_nprocs > args.nprocs:
+        raise UserError(f"--min-nprocs {args.min_nprocs} exceeds --nprocs {args.nprocs}; give at most {args.nprocs} "
+                        "(the fewest processes a restart may run on)")
     return args
 
 
@@ -134,5 +179,6 @@ def registered_names() -> str:
         for name in registry.names():
             entry = registry.get(name)
             defaults = "".join(f" [{k}={v}]" for k, v in entry.defaults.items())
-            lines.append(f"  {name:16}{defaults} {' '.join(flags_of(entry.build))}")
+            trains_on = f" trains on {', '.join(entry.trains_on)};" if registry is MODELS else ""
+            lines.append(f"  {name:16}{defaults}{trains_on} {' '.join(flags_of(entry.build))}")
     return "\n".join(lines)

@@ -6,15 +6,23 @@ remain, the job is started again on the hosts that still answer (at least ``--mi
 processes) and resumes from its newest verified checkpoint (``--resume auto``). Restarts,
 downtime (last progress of the failed attempt to first step of the next) and steps redone go
 to the log and to ``metrics.json``.
+
+With a hostfile, every remote host is asked before the first start whether it answers through the
+launch agent Open MPI will start its daemons with (``launch_agent``); one that does not is an
+error naming it, since the job could never start there. While the job runs they are asked again
+every few seconds, and one that stops answering ends the job for a restart without it.
 """
 from __future__ import annotations
 
 import json
 import os
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,7 +30,7 @@ from lightning_xd.callbacks.progress_marker import read_progress
 from lightning_xd.errors import UserError
 from lightning_xd.launcher import mpirun_command, mpirun_environment
 
-LOCAL_HOSTS = ("localhost", "127.0.0.1")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0])
 HOST_CHECK_SECONDS = 2.0  # how often a running job's remote hosts are asked whether they still answer
 
 
@@ -53,37 +61,59 @@ def with_flag(argv: Sequence[str], flag: str, value: Optional[str]) -> list[str]
 
 
 def read_hostfile(path: str) -> list[tuple[str, int]]:
+    """``[(host, slots)]`` of an Open MPI hostfile (``host slots=N`` lines, ``#`` comments)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"hostfile {path} {'not found' if isinstance(err, FileNotFoundError) else 'unreadable'}; "
+                        "give a file with one 'host slots=N' line per machine") from None
     hosts = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         fields = line.split("#", 1)[0].split()
         if fields:
-            slots = next((int(f.split("=")[1]) for f in fields[1:] if f.startswith("slots=")), 1)
+            try:
+                slots = next((int(f.split("=", 1)[1]) for f in fields[1:] if f.startswith("slots=")), 1)
+            except ValueError:
+                slots = 0
+            if slots < 1:
+                raise UserError(f"hostfile {path}: {line.strip()!r} is not 'host slots=N' with N of at least 1")
             hosts.append((fields[0], slots))
     return hosts
 
 
-def answering_hosts(hosts: list[tuple[str, int]], launch_agent: Optional[str]) -> list[tuple[str, int]]:
-    """The hosts on which the launch agent can still run a command."""
-    agent = shlex.split(launch_agent or "ssh")
-    alive = []
-    for host, slots in hosts:
-        if host in LOCAL_HOSTS:
-            alive.append((host, slots))
-            continue
-        try:
-            ok = subprocess.run([*agent, host, "true"], capture_output=True, timeout=15).returncode == 0
-        except subprocess.TimeoutExpired:
-            ok = False
-        if ok:
-            alive.append((host, slots))
-    return alive
+def launch_agent(given: Optional[str] = None) -> str:
+    """The command Open MPI starts remote daemons with: ``--launch-agent``, else PRRTE's
+    ``PRTE_MCA_plm_ssh_agent``, else the older ``OMPI_MCA_plm_rsh_agent`` (which Open MPI 5 itself
+    ignores; the supervisor hands it on as PRRTE's, see ``Supervisor._environment``), else ssh. A list
+    of alternatives (``ssh : rsh``) means, as for PRRTE, the first whose program is installed."""
+    agent = (given or os.environ.get("PRTE_MCA_plm_ssh_agent") or os.environ.get("OMPI_MCA_plm_rsh_agent")
+             or "ssh")
+    choices = [choice.strip() for choice in agent.split(":") if choice.strip()] or ["ssh"]
+    return next((c for c in choices if shutil.which(shlex.split(c)[0])), choices[0])
+
+
+def _answers(agent: str, host: str) -> bool:
+    try:
+        return subprocess.run([*shlex.split(agent), host, "true"], capture_output=True, timeout=15).returncode == 0
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+
+
+def answering_hosts(hosts: list[tuple[str, int]], agent: Optional[str]) -> list[tuple[str, int]]:
+    """The hosts on which the launch agent can still run a command (asked all at once)."""
+    agent = agent or launch_agent()
+    remote = [host for host, _ in hosts if host not in LOCAL_HOSTS]
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(remote)))) as pool:
+        answered = dict(zip(remote, pool.map(lambda host: _answers(agent, host), remote)))
+    return [(host, slots) for host, slots in hosts if answered.get(host, True)]
 
 
 class Supervisor:
     def __init__(self, script: str, argv: Sequence[str], run_dir: str | Path, nprocs: int, hostfile: Optional[str],
-                 launch_agent: Optional[str], max_restarts: int, min_nprocs: Optional[int], ulfm: bool):
+                 agent: Optional[str], max_restarts: int, min_nprocs: Optional[int], ulfm: bool):
+        """``agent``: ``--launch-agent``; None for the one of the environment (see ``launch_agent``)."""
         self.script, self.argv, self.run_dir = script, list(argv), Path(run_dir)
-        self.nprocs, self.hostfile, self.launch_agent = nprocs, hostfile, launch_agent
+        self.nprocs, self.hostfile, self.launch_agent = nprocs, hostfile, launch_agent(agent)
         self.max_restarts, self.min_nprocs, self.ulfm = max_restarts, min_nprocs or 1, ulfm
         self.attempts: list[dict] = []
 
@@ -101,7 +131,20 @@ class Supervisor:
             env["XD_FAULT_TOLERANCE"] = "ulfm"
         return env
 
+    def check_hosts(self) -> None:
+        """Every host of the hostfile must answer through the launch agent before the job starts there."""
+        if not self.hostfile:
+            return
+        hosts = read_hostfile(self.hostfile)
+        answering = {host for host, _ in answering_hosts(hosts, self.launch_agent)}
+        silent = [host for host, _ in hosts if host not in answering]
+        if silent:
+            raise UserError(f"host {', '.join(silent)} does not answer through {self.launch_agent}; check that "
+                            f"`{self.launch_agent} {silent[0]} true` works (host name, keys, --launch-agent) or "
+                            f"remove it from {self.hostfile}")
+
     def run(self) -> int:
+        self.check_hosts()
         for attempt in range(self.max_restarts + 1):
             started = time.time()
             env = self._environment(attempt)

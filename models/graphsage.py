@@ -145,7 +145,8 @@ class ResourceUsage(Callback):
             pl_module.log("test/epochs_per_s", slowest, sync_dist=True, batch_size=1)
 
 
-@MODELS.register("graphsage", data="cora-graph", max_epochs=10)
+@MODELS.register("graphsage", data="cora-graph", trains_on=("cora-graph", "ppi", "synthetic-graph"),
+                 max_epochs=10)
 class GraphSAGE(LightningModule):
     def __init__(self, num_features: int, num_nodes: int, hidden_channels: int = 256, out_channels: int = 64,
                  embedding_dim: int = 64, dropout: float = 0.5, lr: float = 0.003, table_lr: float = 1e-4,

@@ -83,7 +83,7 @@ def error_metrics(prefix: str, postfix: str = "") -> MetricCollection:
                             prefix=prefix, postfix=postfix)
 
 
-@MODELS.register("lstm", data="appliances", max_epochs=10)
+@MODELS.register("lstm", data="appliances", trains_on=("appliances", "sensor-stream"), max_epochs=10)
 class LSTMForecaster(LightningModule):
     def __init__(self, num_features: int, horizon: int, target_mean: float, target_std: float, log_target: bool,
                  prequential: bool, hidden_size: int = 64, num_layers: int = 4, dropout: float = 0.1,

@@ -8,7 +8,9 @@ hooks). The strategy's checkpoint IO (``VerifiedCheckpointIO``, by default in th
 epoch end is skipped while the newest checkpoint is younger than ``min_seconds``: epochs of one or
 a few steps (a full-graph GCN, the ECG autoencoder) would otherwise spend more time checkpointing
 than training. This callback's own state is every process's random-number-generator state, so a
-resumed run draws the same dropout masks as an uninterrupted one.
+resumed run draws the same dropout masks as an uninterrupted one. ``run`` (the model, dataset and
+strategy names, which the runner knows and the Trainer does not) goes into every manifest, so a
+checkpoint is never resumed by a run of another kind.
 """
 from __future__ import annotations
 
@@ -42,8 +44,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class FaultTolerantCheckpoint(Checkpoint):
     def __init__(self, dirpath: str | Path, every_n_steps: Optional[int] = None,
-                 every_n_seconds: Optional[float] = None, min_seconds: float = 0.0):
+                 every_n_seconds: Optional[float] = None, min_seconds: float = 0.0,
+                 run: Optional[dict[str, str]] = None):
         self.store = CheckpointStore(dirpath)
+        self.run = run
         self.every_n_steps, self.every_n_seconds, self.min_seconds = every_n_steps, every_n_seconds, min_seconds
         self._last_save = time.monotonic()
         self._last_step_saved = -1
@@ -103,7 +107,7 @@ class FaultTolerantCheckpoint(Checkpoint):
         if trainer is None:
             return {"rng": [rng_state()]}
         return {"rng": gather_objects(trainer.strategy, rng_state()),
-                "manifest_info": checkpoint_info(trainer, self._kind)}
+                "manifest_info": checkpoint_info(trainer, self._kind, self.run)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("rng", [])
@@ -132,9 +136,10 @@ def _sync_logged_metrics(trainer) -> None:
     trainer.callback_metrics
 
 
-def checkpoint_info(trainer, kind: str) -> dict[str, Any]:
-    """What a manifest records about the run that wrote the checkpoint."""
+def checkpoint_info(trainer, kind: str, run: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """What a manifest records about the run that wrote the checkpoint; ``run``: the model, dataset
+    and strategy names it was started with (``runner.run_identity``), where known."""
     strategy = trainer.strategy
     return {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "kind": kind,
             "world_size": trainer.world_size, "strategy": type(strategy).__name__,
-            "pipeline_stages": getattr(strategy, "stages", None)}
+            "pipeline_stages": getattr(strategy, "stages", None), **({"run": dict(run)} if run else {})}
