@@ -12,8 +12,24 @@ computation in flight may be applied before any other one, so for each in-flight
 "updates applied since w pulled + other computations in flight" must stay <= S. A worker that
 would break the bound waits for its parameters until slower workers have pushed.
 
-The server also stops the run: it hands out exactly ``limit`` gradient computations, so every
-computed gradient is applied and none is dropped; then every worker is told to stop.
+The server also stops the run: it hands out exactly ``limit`` computations (a step: one push,
+after however many batches the worker accumulated), so every computed gradient is applied and none
+is dropped; then every worker is told to stop. A worker's pass over its shard is
+``steps_per_epoch`` steps (it says so in its hello), an epoch of the run the sum over the workers.
+
+A computation can end without a gradient: the precision plugin's GradScaler found inf/nan and
+skipped the step, or the training step returned no loss. The worker then sends SKIPPED instead of a
+gradient. The server counts the step as done (the run's step count, epoch ends and LR schedules go
+on, as Lightning's do when the scaler skips a step) but applies nothing, so the parameter version,
+which staleness is measured in, does not move; the worker leaves the in-flight set and is answered
+with the newest parameters like any other. This keeps both invariants without special cases: the
+in-flight set is exactly the computations that may still arrive, and the limit counts every batch
+a worker consumes, so an epoch stays one pass over every shard.
+
+A worker whose training ends on its own (``trainer.should_stop`` set by a callback such as Lightning's
+``Timer``, or by the module) sends LEAVE: its computation in flight is forgotten, and the run stops
+as one, as Lightning stops every process when one of them asks to: the computations in flight are
+still applied, then every other worker is told to stop.
 
 Optional delay compensation (DC-ASGD, Zheng et al. 2017): g + lambda * g * g * (w_now - w_pulled).
 """
@@ -32,8 +48,8 @@ from lightning_xd.flat import FlatLayout
 
 SERVER = 0
 TAG_HEADER, TAG_PAYLOAD, TAG_REPLY, TAG_REPLY_PAYLOAD = 101, 102, 103, 104
-HELLO, GRADIENT = 0.0, 1.0
-HEADER_SIZE = 5  # kind, version computed from, batches per epoch (hello) or optimizer index, loss, spare
+HELLO, GRADIENT, SKIPPED, LEAVE = 0.0, 1.0, 2.0, 3.0
+HEADER_SIZE = 5  # kind, version computed from, steps per epoch (hello) or optimizer index, loss, spare
 
 
 class ParameterSet:
@@ -72,22 +88,34 @@ class Gradient:
     dense: Optional[Tensor]
     sparse: list[tuple[Tensor, Tensor]]
     buffers: Optional[Tensor]
+    applied: bool = True  # False: the worker's step ended without a gradient (SKIPPED)
 
 
 class WorkerClient:
-    """A worker's side of the protocol: hello, push a gradient, pull parameters."""
+    """A worker's side of the protocol: hello, push a gradient (or SKIPPED), pull parameters, LEAVE."""
 
     def __init__(self, comm: Communicator, params: ParameterSet):
         self.comm, self.params = comm, params
         self.version = -1
+        self.stopped = False  # the server said stop, or we left: nothing more may be sent
 
     def _send_header(self, kind: float, a: float, b: float, loss: float = 0.0) -> None:
         self.comm.send(torch.tensor([kind, a, b, loss, 0.0], dtype=torch.float64), SERVER, TAG_HEADER)
 
-    def hello(self, batches_per_epoch: int) -> bool:
-        """Announce ourselves; returns False when the server says stop instead of sending parameters."""
-        self._send_header(HELLO, -1, batches_per_epoch)
+    def hello(self, steps_per_epoch: int) -> bool:
+        """Announce ourselves and how many steps one pass over our shard takes (0: unknown);
+        returns False when the server says stop instead of sending parameters."""
+        self._send_header(HELLO, -1, steps_per_epoch)
         return self.pull()
+
+    def skip(self, optimizer: int) -> None:
+        """End the computation in flight without a gradient (the step was skipped)."""
+        self._send_header(SKIPPED, self.version, optimizer, float("nan"))
+
+    def leave(self) -> None:
+        """Stop before the server said so: our computation in flight will never be pushed."""
+        self._send_header(LEAVE, self.version, 0)
+        self.stopped = True
 
     def push(self, optimizer: int, loss: float) -> None:
         """Send the gradients of ``optimizer``'s parameters, tagged with the version they come from."""
@@ -115,13 +143,15 @@ class WorkerClient:
         self.comm.recv(flat, SERVER, TAG_REPLY_PAYLOAD)
         self.params.load_state(flat)
         self.version = int(header[0])
-        return bool(header[1])
+        self.stopped = not bool(header[1])
+        return not self.stopped
 
 
 @dataclass
 class ServerStats:
     staleness: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    skipped: int = 0  # steps that ended without a gradient
     started: float = field(default_factory=time.perf_counter)
     finished: Optional[float] = None
 
@@ -135,36 +165,41 @@ class ServerStats:
         return {"staleness_mean": sum(self.staleness) / max(1, len(self.staleness)),
                 "staleness_max": max(self.staleness, default=0),
                 "staleness_histogram": {str(k): hist[k] for k in sorted(hist)},
-                "updates": len(self.staleness), "updates_per_s": self.updates_per_s}
+                "updates": len(self.staleness), "skipped_steps": self.skipped, "updates_per_s": self.updates_per_s}
 
 
 class ParameterServer:
-    """The server's side: receive, apply, answer within the staleness bound, stop at the limit."""
+    """The server's side: receive, apply, answer within the staleness bound, stop at the limit.
+
+    ``version`` counts the gradients applied (the clock staleness is measured in), ``steps`` the
+    computations finished, applied or skipped (the run's global step: epochs and limits count these).
+    """
 
     def __init__(self, comm: Communicator, params: ParameterSet, optimizers: Sequence[torch.optim.Optimizer],
-                 max_staleness: int, delay_compensation: float = 0.0, version: int = 0,
-                 after_update: Optional[Callable[["ParameterServer", Gradient], None]] = None):
+                 max_staleness: int, delay_compensation: float = 0.0, version: int = 0, steps: Optional[int] = None,
+                 after_step: Optional[Callable[["ParameterServer", Gradient], None]] = None):
         self.comm, self.params, self.optimizers = comm, params, list(optimizers)
         self.max_staleness, self.delay_compensation = max_staleness, delay_compensation
         self.version = version
-        self.after_update = after_update
+        self.steps = version if steps is None else steps
+        self.after_step = after_step
         self.workers = list(range(1, comm.size))
         self.pulled: dict[int, int] = {}  # worker -> version of its computation in flight
         self.sent_state: dict[int, Tensor] = {}  # worker -> parameters it computes on (delay compensation)
         self.waiting: deque[int] = deque()
         self.stopped: set[int] = set()
         self.limit: Optional[int] = None
-        self.batches_per_epoch = 0
+        self.steps_per_epoch = 0
         self.stats = ServerStats()
 
     # ---- the loop ------------------------------------------------------------------------
     def serve(self, limit: Callable[[int], int]) -> ServerStats:
-        """Run until every worker has been told to stop. ``limit(batches_per_epoch)`` -> updates."""
+        """Run until every worker has stopped. ``limit(steps_per_epoch)`` -> the steps the run takes."""
         for _ in self.workers:  # every worker says hello first: the epoch size is the sum of theirs
             header, worker = self._receive_header()
-            self.batches_per_epoch += int(header[2])
+            self.steps_per_epoch += int(header[2])
             self.waiting.append(worker)
-        self.limit = limit(self.batches_per_epoch)
+        self.limit = limit(self.steps_per_epoch)
         self._answer_waiting()
         idle = 0.0
         while len(self.stopped) < len(self.workers):
@@ -174,6 +209,9 @@ class ParameterServer:
                 continue
             idle = 0.0
             gradient = self._receive_gradient()
+            if gradient is None:  # a worker left
+                self._answer_waiting()
+                continue
             self._apply(gradient)
             self.waiting.append(gradient.worker)
             self._answer_waiting()
@@ -186,9 +224,15 @@ class ParameterServer:
         status = self.comm.recv(header, tag=TAG_HEADER)
         return header, status.Get_source()
 
-    def _receive_gradient(self) -> Gradient:
+    def _receive_gradient(self) -> Optional[Gradient]:
+        """The next worker's gradient (or SKIPPED); None when the message was a worker leaving."""
         header, worker = self._receive_header()
-        version, optimizer, loss = int(header[1]), int(header[2]), float(header[3])
+        kind, version, optimizer, loss = float(header[0]), int(header[1]), int(header[2]), float(header[3])
+        if kind == LEAVE:
+            self._leave(worker)
+            return None
+        if kind == SKIPPED:
+            return Gradient(worker, version, optimizer, loss, None, [], None, applied=False)
         p = self.params
         dense = None
         if p.dense_layouts[optimizer] is not None:
@@ -211,10 +255,21 @@ class ParameterServer:
         return Gradient(worker, version, optimizer, loss, dense, sparse, buffers)
 
     # ---- applying ----------------------------------------------------------------------------
+    def _leave(self, worker: int) -> None:
+        """``worker`` stopped on its own: forget its computation in flight and stop the run as one."""
+        self.pulled.pop(worker, None)
+        self.sent_state.pop(worker, None)
+        self.stopped.add(worker)
+        self.limit = min(self.limit, self.steps + len(self.pulled))  # what is in flight, then nothing more
+
     @torch.no_grad()
     def _apply(self, g: Gradient) -> None:
         staleness = self.version - g.version
         assert 0 <= staleness <= self.max_staleness, f"staleness {staleness} broke the bound"
+        if not g.applied:
+            self._step_done(g)
+            self.stats.skipped += 1
+            return
         p = self.params
         if g.dense is not None:
             grads = p.dense_layouts[g.optimizer].slices(g.dense)
@@ -232,12 +287,16 @@ class ParameterServer:
         self.optimizers[g.optimizer].step()
         self.optimizers[g.optimizer].zero_grad(set_to_none=True)
         self.version += 1
-        del self.pulled[g.worker]
-        self.sent_state.pop(g.worker, None)
         self.stats.staleness.append(staleness)
         self.stats.losses.append(g.loss)
-        if self.after_update is not None:
-            self.after_update(self, g)
+        self._step_done(g)
+
+    def _step_done(self, g: Gradient) -> None:
+        del self.pulled[g.worker]
+        self.sent_state.pop(g.worker, None)
+        self.steps += 1
+        if self.after_step is not None:
+            self.after_step(self, g)
 
     # ---- answering -------------------------------------------------------------------------
     def _can_start(self, worker: int) -> bool:
@@ -249,7 +308,7 @@ class ParameterServer:
 
     def _answer_waiting(self) -> None:
         for worker in list(self.waiting):
-            if self.version + len(self.pulled) >= self.limit:
+            if self.steps + len(self.pulled) >= self.limit:
                 self._reply(worker, go=False)
             elif self._can_start(worker):
                 self._reply(worker, go=True)
