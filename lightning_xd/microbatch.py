@@ -60,3 +60,15 @@ def microbatch_size(batch: Any) -> int:
         return batch.num_graphs if hasattr(batch, "num_graphs") else _length(batch)
     except TypeError:
         return 1
+
+
+def sample_shares(microbatches: list) -> list[float]:
+    """Each micro-batch's share of the batch's samples (graphs, for batches of graphs).
+
+    A micro-batch's mean loss weighted by its share makes the sum over micro-batches the batch's mean
+    loss, whatever their sizes: cuts of 10 samples into 2/3/3/2 or a last batch with fewer micro-batches
+    than asked. Micro-batches of a kind we cannot count weigh the same.
+    """
+    sizes = [microbatch_size(mb) for mb in microbatches]
+    total = sum(sizes)
+    return [size / total for size in sizes] if total > 0 else [1.0 / len(microbatches)] * len(microbatches)

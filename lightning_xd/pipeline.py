@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -95,14 +95,21 @@ class PipelineStage:
     def _receive(self, tag: int, source: int, like: Any) -> Tensor:
         return self.comm.recv_tensor(source, tag, device=_device_of(like))
 
-    def train_step(self, microbatches: list, kind: str,
-                   before_last_backward: Callable[[], None]) -> tuple[list[Tensor], list[Tensor]]:
+    def train_step(self, microbatches: list, kind: str, weights: Sequence[float],
+                   forward_context: Callable[[], ContextManager], backward: Callable[[Tensor, Optional[Tensor]], None],
+                   before_last_backward: Callable[[Tensor], None]) -> tuple[list[Tensor], list[Tensor]]:
         """Forward and backward of every micro-batch in the schedule's order.
 
-        Returns the outputs of the last stage, detached, on every process of the pipeline, and
-        (on the last stage only) the micro-batches' losses.
+        Forwards run inside ``forward_context()`` (the precision plugin's autocast, say), backwards outside
+        it, through ``backward(tensor, grad)``: on the last stage ``tensor`` is micro-batch i's loss times
+        ``weights[i]`` (its share of the batch's samples, so the step's gradient is that of the batch's
+        mean loss) and ``grad`` is None; elsewhere the stage's output and the gradient the next stage sent
+        back. ``before_last_backward(tensor)`` is called just before this stage's last backward.
+        Returns the outputs of the last stage, detached, on every process of the pipeline, and (on the
+        last stage only) the micro-batches' losses, unweighted.
         """
         ops = schedule(kind, self.stage, self.stages, len(microbatches))
+        last_backward = max(n for n, (op, _) in enumerate(ops) if op == "B")
         inputs: dict[int, Tensor] = {}
         outputs: dict[int, Tensor] = {}
         last_outputs: list = [None] * len(microbatches)
@@ -113,27 +120,26 @@ class PipelineStage:
         for n, (op, i) in enumerate(ops):
             batch = microbatches[i]
             if op == "F":
-                if self.first:
-                    h = self.model.pipeline_input(batch)
-                else:
-                    h = self._receive(2 * i, self.stage - 1, batch).requires_grad_()
-                    inputs[i] = h
+                received = None if self.first else self._receive(2 * i, self.stage - 1, batch).requires_grad_()
                 start = time.perf_counter()
-                out = self._run_modules(h, batch)
-                if self.last:
-                    last_outputs[i] = out.detach()
-                    loss = self.model.pipeline_loss(out, batch, "train")
-                    losses.append(loss.detach())
-                    out = loss / len(microbatches)
-                else:
+                with forward_context():
+                    out = self._run_modules(self.model.pipeline_input(batch) if self.first else received, batch)
+                    if self.last:
+                        last_outputs[i] = out.detach()
+                        loss = self.model.pipeline_loss(out, batch, "train")
+                        losses.append(loss.detach())
+                        out = loss * weights[i]
+                if received is not None:
+                    inputs[i] = received
+                if not self.last:
                     sends += self.comm.isend_tensor(out, self.stage + 1, 2 * i)
                 outputs[i] = out
             else:
-                if n == len(ops) - 1 or all(o != "B" for o, _ in ops[n + 1:]):
-                    before_last_backward()
                 grad = None if self.last else self._receive(2 * i + 1, self.stage + 1, batch)
                 start = time.perf_counter()
-                torch.autograd.backward(outputs.pop(i), grad)
+                if n == last_backward:
+                    before_last_backward(outputs[i])
+                backward(outputs.pop(i), grad)
                 if not self.first:
                     sends += self.comm.isend_tensor(inputs.pop(i).grad, self.stage - 1, 2 * i + 1)
             self._record(op, i, start, step_start)
@@ -145,14 +151,15 @@ class PipelineStage:
         self.recorded.append(self.times)
         return self._share_outputs(last_outputs, microbatches[0]), losses
 
-    def eval_step(self, microbatches: list) -> list[Tensor]:
-        """Forward only; the last stage's outputs, on every process of the pipeline."""
+    def eval_step(self, microbatches: list, forward_context: Callable[[], ContextManager]) -> list[Tensor]:
+        """Forward only, inside ``forward_context()``; the last stage's outputs, on every process of the pipeline."""
         sends: list[Handle] = []
         last_outputs: list = [None] * len(microbatches)
         with torch.no_grad():
             for i, batch in enumerate(microbatches):
-                h = self.model.pipeline_input(batch) if self.first else self._receive(2 * i, self.stage - 1, batch)
-                out = self._run_modules(h, batch)
+                received = None if self.first else self._receive(2 * i, self.stage - 1, batch)
+                with forward_context():
+                    out = self._run_modules(self.model.pipeline_input(batch) if self.first else received, batch)
                 if self.last:
                     last_outputs[i] = out
                 else:

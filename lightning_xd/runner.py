@@ -2,6 +2,11 @@
 
 ``check`` runs in the process the user started, before any rank exists, so bad names, an
 impossible world size or missing data are reported once, as one line, instead of by every rank.
+Its cheap part, ``resolve``, also runs in every rank: names, a model's datasets, flag types and
+domains, and (outside an MPI job) whether the run dir can be written. A checkpoint to resume must
+come from the same model, dataset and strategy: every checkpoint's manifest records them
+(``run_identity``), ``check`` compares the one ``--resume`` will pick from its manifest, and the
+rank that picks it (``choose_checkpoint``) compares again, from the checkpoint itself if need be.
 """
 from __future__ import annotations
 
@@ -9,15 +14,17 @@ import argparse
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning_xd.cli import default_run_dir
+from lightning_xd.cores import share_cores
 from lightning_xd.launcher import in_mpi_job
 from lightning_xd.errors import UserError
-from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES, convert
+from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES, check_domain, convert
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -27,6 +34,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--model is required; valid model names: {', '.join(MODELS.names())}")
     args.data = args.data or model.defaults.get("data")
     DATAMODULES.get(args.data)
+    if model.trains_on and args.data not in model.trains_on:
+        raise UserError(f"model {args.model} cannot train on {args.data}; it trains on {', '.join(model.trains_on)} "
+                        f"(give --data {model.trains_on[0]}, its own, or leave --data out)")
     strategy = STRATEGIES.get(args.strategy)
     max_nprocs = strategy.defaults.get("max_nprocs")
     if max_nprocs is not None and args.nprocs > max_nprocs:
@@ -35,8 +45,11 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_epochs is None:
         args.max_epochs = model.defaults.get("max_epochs", 10)
     _check_extra_flags(args, [model, DATAMODULES.get(args.data), strategy])
+    _check_test_flags(args)
     settings = {**vars(args), **args.extra}
     settings["run_dir"] = str(default_run_dir(args))
+    if not in_mpi_job():  # where the run starts; ranks on other hosts need not share this filesystem
+        check_run_dir(settings["run_dir"])
     return settings
 
 
@@ -52,7 +65,68 @@ def _check_extra_flags(args: argparse.Namespace, entries: list) -> None:
         names = ", ".join("--" + u.replace("_", "-") for u in unknown)
         raise UserError(f"unknown flag(s) {names} for model {args.model}, data {args.data}, strategy "
                         f"{args.strategy}; `python train.py --list` shows the flags each one takes")
-    args.extra = {name: convert(params[name], value) for name, value in args.extra.items()}
+    origin = getattr(args, "extra_from", {})  # config file and key, for values that came from one
+    args.extra = {name: convert(params[name], value, origin.get(name), typed=True)
+                  for name, value in args.extra.items()}
+    for name, value in args.extra.items():
+        check_domain(name, value, origin.get(name))
+
+
+def _check_test_flags(args: argparse.Namespace) -> None:
+    """``--straggler-delay`` and ``--inject-fault`` are parsed here, so a typo fails before the job starts.
+    (A rank beyond the job is allowed: a restart on fewer processes keeps the flags it was given.)"""
+    from lightning_xd.callbacks import parse_fault, parse_straggler
+
+    if args.straggler_delay and parse_straggler(args.straggler_delay)[1] < 0:
+        raise UserError(f"--straggler-delay {args.straggler_delay}: give seconds of 0 or more, for example 1:0.05")
+    if args.inject_fault:
+        parse_fault(args.inject_fault)
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """``--run-dir`` must be a folder this process can create files in, or one it can create.
+
+    Tried, not read off permission bits (root ignores them; read-only mounts, ACLs and immutable
+    folders do not show in them): a temporary folder is made in the run dir, or in the nearest
+    folder above it that exists, and removed again, so the check leaves nothing behind."""
+    path = Path(run_dir)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"--run-dir {path} cannot be written: {existing} is a file, not a folder; "
+                        "give another --run-dir")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as err:
+        raise UserError(f"--run-dir {path} cannot be written ({err.strerror} in {existing}); "
+                        "give a --run-dir this user can write to") from None
+
+
+def run_identity(args: argparse.Namespace) -> dict[str, str]:
+    """What a checkpoint records about the run that saved it, and what resuming it must match."""
+    return {"model": args.model, "data": args.data, "strategy": args.strategy}
+
+
+def _check_checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> None:
+    """The launching process's view of what ``choose_checkpoint`` will pick, from manifests only (no
+    checksum, no loading: the rank that resumes verifies): it must exist and match this run."""
+    from lightning_xd.checkpoints import AUTO_RESUME_FIX, CheckpointStore, check_same_run, read_manifest
+
+    if args.resume == "never":
+        return
+    if args.resume != "auto":
+        path = Path(args.resume)
+        if not path.is_file():
+            raise UserError(f"--resume {path}: no such checkpoint file")
+        check_same_run(path, (read_manifest(path) or {}).get("run"), run_identity(args))
+        return
+    if (run_dir / "COMPLETED").exists():
+        return  # a finished run starts afresh
+    store = CheckpointStore(run_dir / "checkpoints")
+    newest = next(iter(store.manifests(warn=False)), None)
+    if newest is not None:
+        check_same_run(store.folder / newest.get("file", "?"), newest.get("run"), run_identity(args), AUTO_RESUME_FIX)
 
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,6 +134,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_xd.registry import accepted_settings
 
     settings = resolve(args)
+    _check_checkpoint_to_resume(args, Path(settings["run_dir"]))
     datamodule = DATAMODULES.build(args.data, settings)
     datamodule.prepare_data()
     check_settings = getattr(STRATEGIES.get(args.strategy).build, "check_settings", None)
@@ -81,13 +156,6 @@ def _quiet_unless_rank_zero(rank: int) -> None:
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
-def _share_cores(processes_on_host: int) -> None:
-    """Give each process its share of this host's cores, as torchrun does for DDP."""
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_on_host))
-
-
 def _prepare_data_once_per_host(datamodule) -> None:
     if not in_mpi_job():
         datamodule.prepare_data()
@@ -99,18 +167,21 @@ def _prepare_data_once_per_host(datamodule) -> None:
     world().barrier()
 
 
-def choose_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
-    """The checkpoint to resume from (``--resume auto|never|PATH``); decided by the first process."""
-    from lightning_xd.checkpoints import CheckpointStore, check_readable
+def choose_checkpoint(resume: str, run_dir: Path, run: Optional[dict[str, str]] = None) -> Optional[str]:
+    """The checkpoint to resume from (``--resume auto|never|PATH``); decided by the first process.
+    With ``run`` (``run_identity``), one saved by another model, dataset or strategy is refused."""
+    from lightning_xd.checkpoints import AUTO_RESUME_FIX, CheckpointStore, check_readable, check_same_run
 
     store, completed = CheckpointStore(run_dir / "checkpoints"), run_dir / "COMPLETED"
     if resume not in ("auto", "never"):
         manifest = check_readable(Path(resume))
+        check_same_run(Path(resume), manifest.get("run"), run)
         print(f"resuming from {resume} (step {manifest.get('global_step', '?')})", flush=True)
         return resume
     if resume == "auto" and not completed.exists():
         found = store.newest_verified()
         if found is not None:
+            check_same_run(found[0], found[1].get("run"), run, AUTO_RESUME_FIX)
             print(f"resuming from {found[0]} (step {found[1]['global_step']}, epoch {found[1]['epoch']})", flush=True)
             return str(found[0])
     archived = store.archive()  # a finished (or deliberately restarted) run's checkpoints are kept aside
@@ -122,13 +193,13 @@ def choose_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
 
 def _checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> Optional[str]:
     if not in_mpi_job():
-        return choose_checkpoint(args.resume, run_dir)
+        return choose_checkpoint(args.resume, run_dir, run_identity(args))
     from lightning_xd.comm import world
 
     choice = None
     if world().rank == 0:
         try:
-            choice = ("ok", choose_checkpoint(args.resume, run_dir))
+            choice = ("ok", choose_checkpoint(args.resume, run_dir, run_identity(args)))
         except UserError as err:
             choice = ("error", str(err))
     kind, value = world().broadcast_object(choice)
@@ -141,7 +212,7 @@ def _fault_tolerance_callbacks(args: argparse.Namespace, run_dir: Path) -> list:
     from lightning_xd.callbacks import FaultInjector, FaultTolerantCheckpoint, ProgressMarker, parse_fault
 
     callbacks = [FaultTolerantCheckpoint(run_dir / "checkpoints", args.ckpt_every_steps, args.ckpt_every_seconds,
-                                         args.ckpt_min_seconds),
+                                         args.ckpt_min_seconds, run=run_identity(args)),
                  ProgressMarker(run_dir / "progress.json")]
     if args.inject_fault:
         callbacks.append(FaultInjector(parse_fault(args.inject_fault)))
@@ -192,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--nprocs {args.nprocs} but this MPI job has {world().size} processes; "
                             "drop mpirun and let --nprocs start the job")
         _quiet_unless_rank_zero(world().rank)
-        _share_cores(world().local().size)
+        share_cores(world().local())
 
     from lightning.pytorch import seed_everything
 
@@ -202,7 +273,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     datamodule = DATAMODULES.build(args.data, settings)
     strategy = STRATEGIES.build(args.strategy, settings)
     _prepare_data_once_per_host(datamodule)
-    model = MODELS.build(args.model, settings, **datamodule.model_kwargs())
+    model_kwargs = datamodule.model_kwargs()
+    with strategy.tensor_init_context():  # what trainer.init_module() does: hybrid builds only its own stages
+        model = MODELS.build(args.model, settings, **model_kwargs)
     run_dir = Path(settings["run_dir"])
     summary = RunSummary()
     callbacks = [StragglerDelay(*parse_straggler(args.straggler_delay))] if args.straggler_delay else []
