@@ -91,9 +91,9 @@ class ResumableLoader:
         resume = self._resume_state()
         if resume:  # the steps already done (by however many processes) + what is left here
             left = self._sampler(replicas, rank, resume["position"])
-            self._set_length(resume["steps"] + math.ceil(len(left) / self._batch_size))
+            self._set_length(resume["steps"] + self._batches(len(left)))
         else:
-            self._set_length(math.ceil(len(self._sampler(replicas, rank, 0)) / self._batch_size))
+            self._set_length(self._batches(len(self._sampler(replicas, rank, 0))))
 
     def _set_length(self, batches: int) -> None:
         self._epoch_batches = batches
@@ -107,7 +107,7 @@ class ResumableLoader:
         if self._epoch_batches is not None:
             return self._epoch_batches
         replicas, _ = self.shards()
-        return math.ceil(len(self._sampler(replicas, 0, 0)) / self._batch_size)
+        return self._batches(len(self._sampler(replicas, 0, 0)))
 
     def __iter__(self) -> Iterator[Any]:
         resume = self._resume_state()
@@ -129,6 +129,13 @@ class ResumableLoader:
         self.pending = dict(state)
 
     # ---- position and re-sharding -------------------------------------------------------------
+    def _batches(self, samples: int) -> int:
+        """Batches the wrapped loader makes of ``samples``: an incomplete last one only without drop_last
+        (Lightning ends the epoch, and runs validation, after the number of batches we report)."""
+        if self.loader.drop_last:
+            return samples // self._batch_size
+        return math.ceil(samples / self._batch_size)
+
     @property
     def _batch_size(self) -> int:
         return self.loader.batch_size or 1
@@ -140,7 +147,7 @@ class ResumableLoader:
 
     def batches_left(self) -> int:
         """Batches this process still has to train on in the current epoch."""
-        return math.ceil(len(self._sampler(self.replicas, self.rank, self.position)) / self._batch_size)
+        return self._batches(len(self._sampler(self.replicas, self.rank, self.position)))
 
     def _sampler(self, replicas: int, rank: int, start: int) -> EpochShardSampler:
         return EpochShardSampler(len(self.loader.dataset), replicas, rank, self.epoch, start, self.shuffle, self.seed)
