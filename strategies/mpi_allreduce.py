@@ -25,6 +25,7 @@ from lightning_xd.collectives import MPICollectives, attach_metric_sync
 from lightning_xd import ulfm
 from lightning_xd.comm import Communicator, wait_all, world
 from lightning_xd.environment import MPIEnvironment, device_for
+from lightning_xd.errors import UserError
 from lightning_xd.gradient_buckets import GradientBuckets
 from lightning_xd.recovery import InJobRecovery
 from lightning_xd.registry import STRATEGIES
@@ -38,19 +39,30 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
     strategy_name = "mpi"
 
     def __init__(self, bucket_size_mb: Optional[float] = None, find_unused_parameters: bool = False,
-                 fault_tolerance: str = "ulfm", collective_timeout: float = 300.0, **kwargs: Any):
+                 overlap: bool = True, fault_tolerance: Optional[str] = None, collective_timeout: float = 300.0,
+                 **kwargs: Any):
         self.comm: Communicator = world()
         self.collective_comm: Communicator = self.comm
         environment = MPIEnvironment(self.comm)
         super().__init__(parallel_devices=[device_for(environment.local_rank())],
                          cluster_environment=environment, **kwargs)
-        self.bucket_size_mb, self.find_unused_parameters = bucket_size_mb, find_unused_parameters
+        self.bucket_size_mb, self.find_unused_parameters, self.overlap = bucket_size_mb, find_unused_parameters, overlap
         self.gradients: Optional[GradientBuckets] = None
+        self._num_nodes_asked = environment.num_nodes
         self.enable_recovery(fault_tolerance, collective_timeout)
 
     @property
     def root_device(self) -> torch.device:
         return self.parallel_devices[0]
+
+    @property
+    def num_nodes(self) -> int:
+        """Hosts of the MPI job (Lightning's ``num_nodes``: set by the Trainer, checked against the job)."""
+        return self.cluster_environment.num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, asked: int) -> None:
+        self._num_nodes_asked = asked
 
     @property
     def is_distributed(self) -> bool:
@@ -61,10 +73,35 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
         return {"num_replicas": self.world_size, "rank": self.global_rank}
 
     def setup_environment(self) -> None:
+        self.check_trainer_matches_job(self.lightning_module.trainer)
         super().setup_environment()
         rank_zero_only.rank = fabric_rank_zero_only.rank = self.global_rank
 
+    def check_trainer_matches_job(self, trainer) -> None:
+        """The Trainer's ``devices`` / ``num_nodes`` must describe the MPI job the processes really form:
+        the job, not the Trainer, decides how many processes there are."""
+        environment = self.cluster_environment
+        if self._num_nodes_asked != environment.num_nodes:
+            raise UserError(f"Trainer(num_nodes={self._num_nodes_asked}) but this MPI job runs on "
+                            f"{environment.num_nodes} host(s); pass num_nodes={environment.num_nodes} (the job's "
+                            "hosts come from mpirun's hostfile or --nprocs)")
+        # Lightning resolves devices="auto" to the accelerator's device count before we see it: that value
+        # cannot be told from the same number given explicitly, and is taken as "whatever the job has".
+        connector = trainer._accelerator_connector
+        devices = connector._devices_flag
+        asked = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+        if asked not in (-1, connector.accelerator.auto_device_count(), environment.local_size):
+            raise UserError(f"Trainer(devices={devices!r}) but this MPI job runs {environment.local_size} "
+                            f"process(es) on this host, one device each; pass devices={environment.local_size} "
+                            "or devices='auto', and choose the processes with mpirun -np / --nprocs")
+
     def setup(self, trainer) -> None:
+        if self._layer_sync is not None and trainer.state.fn == TrainerFn.FITTING:
+            from lightning_xd.sync_batchnorm import MPISyncBatchNorm
+
+            # Lightning hands us its torch.distributed SyncBatchNorm, which needs a process group (and a GPU)
+            self._layer_sync = MPISyncBatchNorm(lambda: self.replicas)
+            self.model = self._layer_sync.apply(self.model)
         super().setup(trainer)  # device, precision, optimizers
         self.with_recovery(lambda: self.broadcast_module_state(src=0), "the first broadcast of parameters")
         attach_metric_sync(self.model, self.collective_comm, self.metrics_can_sync, self.metric_sync_guard)
@@ -73,7 +110,8 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
 
     def gradient_sync(self) -> Optional[GradientBuckets]:
         """What averages gradients after backward: the bucketed, overlapped allreduce."""
-        return GradientBuckets(self.model, self.replicas, self.bucket_size_mb, self.find_unused_parameters)
+        return GradientBuckets(self.model, self.replicas, self.bucket_size_mb, self.find_unused_parameters,
+                               self.overlap)
 
     def metric_sync_guard(self):
         """A metric's gather is watched like any collective; a process lost there (during validation or
@@ -146,8 +184,6 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
         if self.gradients is not None:
             self.gradients.remove()
             self.gradients = None
+        if self._layer_sync is not None and self.model is not None:
+            self.model = self._layer_sync.revert(self.model)
         super().teardown()
-
-    @classmethod
-    def register_strategies(cls, strategy_registry) -> None:
-        strategy_registry.register(cls.strategy_name, cls, description="synchronous MPI allreduce")
