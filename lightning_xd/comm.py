@@ -10,10 +10,11 @@ finishes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
 from torch import Tensor
@@ -57,6 +58,20 @@ def _mpi_types() -> dict:
 
 def _mpi_op(name: str) -> Any:
     return getattr(mpi(), _OP_NAMES[name])
+
+
+_wait_watcher: Optional[Callable[[str], ContextManager]] = None
+
+
+def watch_waits(watcher: Optional[Callable[[str], ContextManager]]) -> None:
+    """Have ``watcher(what)`` wrap every wait of this process on MPI (a watchdog timing them), or None."""
+    global _wait_watcher
+    _wait_watcher = watcher
+
+
+def watched(what: str) -> ContextManager:
+    """The context a blocking MPI call runs in: the installed wait watcher's, or nothing."""
+    return _wait_watcher(what) if _wait_watcher is not None else contextlib.nullcontext()
 
 
 ReduceOpLike = Union[str, Any]  # "sum" | "mean" | torch.distributed.ReduceOp.SUM | ...
@@ -109,7 +124,8 @@ class _Staged:
 class Handle:
     """A non-blocking operation in flight. ``wait()`` completes it and returns its result."""
 
-    def __init__(self, request: Any, finish: Callable[[], Any], keepalive: Any = None):
+    def __init__(self, request: Any, finish: Callable[[], Any], keepalive: Any = None, what: str = "an MPI operation"):
+        self.what = what
         self._request = request
         self._finish = finish
         self._keepalive = keepalive  # buffers MPI is still reading or writing
@@ -124,11 +140,12 @@ class Handle:
         """Complete the operation. ``yield_cpu`` polls with short sleeps instead of MPI's busy
         wait, so a process that waits long (for a server, for a slow peer) leaves its core free."""
         if not self._done:
-            pause = 0.0
-            while yield_cpu and not self._request.Test():
-                time.sleep(pause)
-                pause = min(1e-3, pause + 2e-5)
-            self._request.Wait()
+            with watched(self.what):
+                pause = 0.0
+                while yield_cpu and not self._request.Test():
+                    time.sleep(pause)
+                    pause = min(1e-3, pause + 2e-5)
+                self._request.Wait()
             self._result = self._finish()
             self._done = True
             self._keepalive = None
@@ -161,7 +178,8 @@ class Communicator:
 
     def split(self, color: int, key: Optional[int] = None) -> "Communicator":
         """Sub-communicator of the ranks that pass the same ``color`` (ordered by ``key``)."""
-        return Communicator(self.mpi.Split(color, self.rank if key is None else key))
+        with watched("splitting the communicator"):
+            return Communicator(self.mpi.Split(color, self.rank if key is None else key))
 
     def local(self) -> "Communicator":
         """Sub-communicator of the ranks on this host; made once, on first call.
@@ -176,7 +194,8 @@ class Communicator:
         return self._local
 
     def barrier(self) -> None:
-        self.mpi.Barrier()
+        with watched("a barrier"):
+            self.mpi.Barrier()
 
     # ---- collectives on tensors --------------------------------------------------------
     def allreduce(self, tensor: Tensor, op: ReduceOpLike = "sum") -> Tensor:
@@ -187,14 +206,15 @@ class Communicator:
         if self.size == 1:
             return self._local_reduce(tensor, op)
         name, staged = _staged_for_reduction(tensor, op)
-        self.mpi.Allreduce(mpi().IN_PLACE, staged.buffer(), _mpi_op(name))
+        with watched("an allreduce"):
+            self.mpi.Allreduce(mpi().IN_PLACE, staged.buffer(), _mpi_op(name))
         return self._reduced(staged, name, self.size)
 
     def iallreduce(self, tensor: Tensor, op: ReduceOpLike = "sum") -> Handle:
         name, staged = _staged_for_reduction(tensor, op)
         request = self.mpi.Iallreduce(mpi().IN_PLACE, staged.buffer(), _mpi_op(name))
         size = self.size
-        return Handle(request, lambda: self._reduced(staged, name, size), staged)
+        return Handle(request, lambda: self._reduced(staged, name, size), staged, "an allreduce")
 
     def _reduced(self, staged: "_Staged", name: str, size: int) -> Tensor:
         """The reduced tensor, back in the caller's tensor (divided by ``size`` for a mean)."""
@@ -218,7 +238,7 @@ class Communicator:
     def ibroadcast(self, tensor: Tensor, root: int = 0) -> Handle:
         staged = _Staged(tensor, copy_in=self.rank == root)
         request = self.mpi.Ibcast(staged.buffer(), root=root)
-        return Handle(request, staged.finish, staged)
+        return Handle(request, staged.finish, staged, "a broadcast")
 
     def allgather(self, tensor: Tensor) -> Tensor:
         """Stack every rank's ``tensor`` (same shape everywhere) into shape (size, *shape)."""
@@ -230,7 +250,7 @@ class Communicator:
         recv = _Staged(out, copy_in=False)
         buf, count, mpi_type = recv.buffer()
         request = self.mpi.Iallgather(send.buffer(), [buf, count // self.size, mpi_type])
-        return Handle(request, recv.finish, (send, recv))
+        return Handle(request, recv.finish, (send, recv), "an allgather")
 
     def allgather_varying(self, tensor: Tensor) -> list[Tensor]:
         """Every rank's ``tensor``, where the first dimension may differ between ranks."""
@@ -245,7 +265,8 @@ class Communicator:
         sizes = [c * per_item for c in counts]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         buf, _, mpi_type = recv.buffer()
-        self.mpi.Allgatherv(send.buffer(), [buf, sizes, offsets, mpi_type])
+        with watched("an allgather"):
+            self.mpi.Allgatherv(send.buffer(), [buf, sizes, offsets, mpi_type])
         flat = recv.finish()
         parts = torch.split(flat, [c * row_numel for c in counts])
         if not tensor.dim():
@@ -268,25 +289,27 @@ class Communicator:
 
     # ---- point to point ----------------------------------------------------------------
     def send(self, tensor: Tensor, dest: int, tag: int = 0) -> None:
-        self.mpi.Send(_Staged(tensor).buffer(), dest=dest, tag=tag)
+        with watched(f"a send to rank {dest}"):
+            self.mpi.Send(_Staged(tensor).buffer(), dest=dest, tag=tag)
 
     def isend(self, tensor: Tensor, dest: int, tag: int = 0) -> Handle:
         staged = _Staged(tensor)
         request = self.mpi.Isend(staged.buffer(), dest=dest, tag=tag)
-        return Handle(request, lambda: tensor, staged)
+        return Handle(request, lambda: tensor, staged, f"a send to rank {dest}")
 
     def recv(self, tensor: Tensor, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Any:
         """Receive into ``tensor``; the returned status says who sent it, with which tag."""
         staged = _Staged(tensor, copy_in=False)
         status = mpi().Status()
-        self.mpi.Recv(staged.buffer(), source=source, tag=tag, status=status)
+        with watched("a receive"):
+            self.mpi.Recv(staged.buffer(), source=source, tag=tag, status=status)
         staged.finish()
         return status
 
     def irecv(self, tensor: Tensor, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Handle:
         staged = _Staged(tensor, copy_in=False)
         request = self.mpi.Irecv(staged.buffer(), source=source, tag=tag)
-        return Handle(request, staged.finish, staged)
+        return Handle(request, staged.finish, staged, "a receive")
 
     # ---- tensors whose shape the receiver does not know (activations between pipeline stages)
     def isend_tensor(self, tensor: Tensor, dest: int, tag: int) -> list[Handle]:
@@ -319,10 +342,12 @@ class Communicator:
 
     # ---- small Python objects (pickled) ------------------------------------------------
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        return self.mpi.bcast(obj, root=root)
+        with watched("a broadcast"):
+            return self.mpi.bcast(obj, root=root)
 
     def allgather_object(self, obj: Any) -> list:
-        return self.mpi.allgather(obj)
+        with watched("an allgather"):
+            return self.mpi.allgather(obj)
 
 
 def _host_key() -> str:

@@ -62,7 +62,7 @@ class ResumableLoader:
     """
 
     def __init__(self, loader: DataLoader, shards: Callable[[], tuple[int, int]], progress: Callable[[], int],
-                 rebuild: Callable, on_length: Callable[[int], None] = lambda batches: None):
+                 rebuild: Callable, on_length: Callable[[int, bool], None] = lambda batches, mid_epoch: None):
         self.loader, self.shards, self.progress, self._rebuild = loader, shards, progress, rebuild
         self.on_length = on_length  # tells Lightning how many batches the current epoch has
         sampler = loader.sampler
@@ -75,6 +75,11 @@ class ResumableLoader:
         self.replicas, self.rank = 1, 0
         self._epoch_batches: Optional[int] = None
         self._iterator: Optional[Iterator] = None
+        # The optimizer step's window (see lightning_xd.recovery): (steps, position) where it began, and
+        # whether a failure inside it means it must be trained again from there.
+        self.window: Optional[tuple[int, int]] = None
+        self.window_stale = False
+        self.padding = 0  # samples the newest re-shard repeats so that every process gets as many
 
     # ---- what Lightning sees ----------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -95,9 +100,9 @@ class ResumableLoader:
         else:
             self._set_length(self._batches(len(self._sampler(replicas, rank, 0))))
 
-    def _set_length(self, batches: int) -> None:
+    def _set_length(self, batches: int, mid_epoch: bool = False) -> None:
         self._epoch_batches = batches
-        self.on_length(batches)
+        self.on_length(batches, mid_epoch)
 
     def _resume_state(self) -> Optional[dict]:
         return self.pending if self.pending and self.pending["epoch"] == self.epoch else None
@@ -114,6 +119,7 @@ class ResumableLoader:
         self.pending = None
         self.start = resume["position"] if resume else 0
         self.steps_at_start = resume["steps"] if resume else 0
+        self.window, self.window_stale = None, False
         self._reshard()
         while True:
             try:
@@ -154,16 +160,49 @@ class ResumableLoader:
 
     def _reshard(self) -> None:
         self.replicas, self.rank = self.shards()
-        loader = self._rebuild(self.loader, self._sampler(self.replicas, self.rank, self.start))
+        sampler = self._sampler(self.replicas, self.rank, self.start)
+        self.padding = len(sampler.remaining()) - max(0, len(sampler.order()) - self.start)
+        loader = self._rebuild(self.loader, sampler)
         state = torch.get_rng_state()  # making an iterator draws from the global RNG: keep runs comparable
         self._iterator = iter(loader)
         torch.set_rng_state(state)
+
+    @property
+    def iterating(self) -> bool:
+        return self._iterator is not None
 
     def reshard_remaining(self) -> None:
         """Go on from the current position over the processes there are now (after a failure)."""
         self.start, self.steps_at_start = self.position, self.progress()
         self._reshard()
-        self._set_length(self.progress() + self.batches_left())
+        self._set_length(self.progress() + self.batches_left(), mid_epoch=True)
+
+    # ---- the optimizer step's window ----------------------------------------------------------
+    def begin_window(self) -> None:
+        """A batch is about to be trained: if no window is open, one opens here."""
+        if self.window is None:
+            self.window, self.window_stale = (self.progress(), self.position), False
+
+    def end_window(self) -> None:
+        """The window's optimizer step was taken on every process."""
+        self.window, self.window_stale = None, False
+
+    def invalidate_window(self) -> bool:
+        """A failure: an open window must be trained again (returns whether one was open)."""
+        self.window_stale = self.window is not None
+        return self.window_stale
+
+    def reshard_window(self) -> int:
+        """Re-shard the epoch's rest from the start of the open window over the processes there are now;
+        returns how many batches the window has had so far (its current one included), to train again."""
+        steps, position = self.window if self.window is not None else (self.progress(), self.position)
+        window_batches = self.progress() - steps + 1
+        self.start, self.steps_at_start = position, steps
+        self._reshard()
+        # once the window is trained again, Lightning's count is steps + window_batches
+        self._set_length(steps + self._batches(len(self._sampler(self.replicas, self.rank, position))), mid_epoch=True)
+        self.window, self.window_stale = (steps, position), False
+        return window_batches
 
     def next_batch(self) -> Any:
         """The next batch of this process's current shard (raises StopIteration at the end)."""
@@ -171,7 +210,7 @@ class ResumableLoader:
 
 
 def make_resumable(loader: Any, shards: Callable[[], tuple[int, int]], progress: Callable[[], int],
-                   on_length: Callable[[int], None]) -> Any:
+                   on_length: Callable[[int, bool], None]) -> Any:
     """Wrap a map-style training DataLoader (shuffled or sequential); leave anything else alone."""
     if not isinstance(loader, DataLoader) or isinstance(loader, ResumableLoader):
         return loader
@@ -193,8 +232,9 @@ def training_loader(trainer) -> Optional[ResumableLoader]:
     return None
 
 
-def set_epoch_length(trainer, batches: int) -> None:
-    """Tell Lightning's loop (and its fetcher, mid-epoch) how many batches the current epoch has."""
+def set_epoch_length(trainer, batches: int, mid_epoch: bool = False) -> None:
+    """Tell Lightning's loop (and its fetcher, mid-epoch) how many batches the current epoch has; mid-epoch
+    also whether the batch in hand is now the last (it may have been, before the epoch grew)."""
     from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
     from lightning.pytorch.trainer.states import RunningStage
 
@@ -207,6 +247,8 @@ def set_epoch_length(trainer, batches: int) -> None:
     if fetcher is not None and fetcher.length is not None:
         fetcher.length = limit
         fetcher.done = fetcher.fetched >= limit
+        if mid_epoch:
+            fit_loop.epoch_loop.batch_progress.is_last_batch = fetcher.done
 
 
 class ResumableTrainingData:
@@ -219,7 +261,7 @@ class ResumableTrainingData:
             return dataloader
         return make_resumable(dataloader, self.data_shards,
                               lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-                              lambda batches: set_epoch_length(trainer, batches))
+                              lambda batches, mid_epoch: set_epoch_length(trainer, batches, mid_epoch))
 
     def data_shards(self) -> tuple[int, int]:
         """(processes that share the training data, this one's index among them)."""

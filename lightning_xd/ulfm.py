@@ -7,14 +7,16 @@ survivor), agree on who is left and shrink it to a working communicator of the s
 
 Three traps: a collective can succeed on some survivors and fail on others, so after every
 operation that matters the survivors *agree* (``Comm.Agree``, itself fault-tolerant) on whether
-it succeeded everywhere; and a process that leaves without a signal and without finalising MPI
-is never reported as failed, so the others would wait forever: a watchdog ends the job when an
-operation has waited longer than ``timeout``, for the supervisor to restart it; and after a
-failure, MPI_Finalize can wait forever for the lost process (Open MPI issue 11404, seen here once
-in ~20 runs), so a process that survived one ends without it (``leave_after_failure``).
+it succeeded everywhere, the ones that failed included, before anyone shrinks; a process that
+hangs, or leaves without being reported, is never reported as failed, so the others would wait
+forever: a watchdog ends the job when one MPI wait has lasted longer than ``timeout`` (waits
+only: a long computation is not a hang), for the supervisor to restart it; and after a failure,
+MPI_Finalize can wait forever for the lost process (Open MPI issue 11404, seen here once in ~20
+runs), so a process that survived one ends without it (``leave_after_failure``).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -22,7 +24,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from lightning_xd.comm import Communicator, mpi
+from lightning_xd.comm import Communicator, mpi, watched
 
 HANG_EXIT_CODE = 75
 
@@ -32,8 +34,8 @@ class ProcessFailure(Exception):
 
 
 def available() -> bool:
-    """True when the job was started with ULFM enabled (``mpirun --with-ft ulfm``)."""
-    return os.environ.get("XD_FAULT_TOLERANCE") == "ulfm"
+    """True when the job was started with ULFM enabled (``mpirun --with-ft ulfm`` sets this for its ranks)."""
+    return os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true", "yes")
 
 
 def enable(comm: Communicator) -> None:
@@ -42,43 +44,48 @@ def enable(comm: Communicator) -> None:
 
 
 class Watchdog:
-    """Ends the job when one communication has waited longer than ``timeout`` seconds."""
+    """Ends the job when one MPI wait has lasted longer than ``timeout`` seconds.
+
+    Installed as the comm layer's wait watcher (``comm.watch_waits``): every blocking MPI call and
+    every wait for a non-blocking one registers while it waits. Waits may nest or overlap (a metric's
+    gather inside a logging call); each is timed on its own, so the end of one never unwatches another.
+    """
 
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self._since: Optional[float] = None
-        self._what = ""
+        self._waiting: dict[int, tuple[float, str]] = {}  # token -> (since, what)
+        self._tokens = itertools.count()
         thread = threading.Thread(target=self._watch, name="collective-watchdog", daemon=True)
         thread.start()
 
     @contextmanager
     def watching(self, what: str) -> Iterator[None]:
-        self._since, self._what = time.monotonic(), what
+        token = next(self._tokens)
+        self._waiting[token] = (time.monotonic(), what)
         try:
             yield
         finally:
-            self._since = None
+            del self._waiting[token]
 
     def _watch(self) -> None:
         while True:
             time.sleep(min(1.0, self.timeout / 4))
-            since = self._since
-            if since is not None and time.monotonic() - since > self.timeout:
-                print(f"error: {self._what} has waited over {self.timeout:.0f} s: a process is gone without being "
+            waits = list(self._waiting.values())
+            if not waits:
+                continue
+            since, what = min(waits)
+            if time.monotonic() - since > self.timeout:
+                print(f"error: {what} has waited over {self.timeout:.0f} s: a process is gone without being "
                       "reported or has hung; ending the job so that it can be restarted from its checkpoint",
                       file=sys.stderr, flush=True)
                 os._exit(HANG_EXIT_CODE)
 
 
 @contextmanager
-def detect(watchdog: Optional[Watchdog] = None, what: str = "a collective") -> Iterator[None]:
-    """Turn MPI's process-failure errors into ProcessFailure (and watch for hangs)."""
+def detect() -> Iterator[None]:
+    """Turn MPI's process-failure errors into ProcessFailure."""
     try:
-        if watchdog is None:
-            yield
-        else:
-            with watchdog.watching(what):
-                yield
+        yield
     except Exception as err:
         if is_process_failure(err):
             raise ProcessFailure(str(err)) from None
@@ -94,15 +101,20 @@ def is_process_failure(err: Exception) -> bool:
     return isinstance(err, MPI.Exception) and err.Get_error_class() in failures
 
 
-def agree(comm: Communicator) -> None:
-    """Raise ProcessFailure on every survivor unless every process of ``comm`` got here."""
-    comm.mpi.Agree(1)
+def agree(comm: Communicator, ok: bool = True) -> None:
+    """Every surviving process of ``comm`` calls this at the same point, with whether its own part
+    worked; raises ProcessFailure on every one of them unless every process got here with ``ok``."""
+    with detect(), watched("an agreement"):
+        everywhere = comm.mpi.Agree(int(ok))
+    if not everywhere:
+        raise ProcessFailure("a process could not complete the operation")
 
 
 def shrink(comm: Communicator) -> tuple[Communicator, list[int]]:
     """The survivors' new communicator, and the ranks (in ``comm``) that were lost."""
     comm.mpi.Revoke()
-    survivors = comm.mpi.Shrink()
+    with watched("shrinking the communicator"):
+        survivors = comm.mpi.Shrink()
     MPI = mpi()
     survivors.Set_errhandler(MPI.ERRORS_RETURN)
     lost_group = MPI.Group.Difference(comm.mpi.Get_group(), survivors.Get_group())

@@ -103,6 +103,7 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
             self._layer_sync = MPISyncBatchNorm(lambda: self.replicas)
             self.model = self._layer_sync.apply(self.model)
         super().setup(trainer)  # device, precision, optimizers
+        self.check_recovery_applies(self.lightning_module)
         self.with_recovery(lambda: self.broadcast_module_state(src=0), "the first broadcast of parameters")
         attach_metric_sync(self.model, self.collective_comm, self.metrics_can_sync, self.metric_sync_guard)
         if trainer.state.fn == TrainerFn.FITTING:
@@ -116,7 +117,7 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
     def metric_sync_guard(self):
         """A metric's gather is watched like any collective; a process lost there (during validation or
         test, which are not redone on the survivors) ends the job, for the supervisor to restart."""
-        return ulfm.detect(self.watchdog, "a metric's sync") if getattr(self, "ulfm", False) else nullcontext()
+        return ulfm.detect() if self.ulfm else nullcontext()
 
     def metrics_can_sync(self) -> bool:
         """Whether torchmetrics may gather their states over the ranks now."""
@@ -136,13 +137,34 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
         """The ranks that hold copies of the same parameters and average their gradients."""
         return self.comm
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # As DDP's broadcast_buffers: running statistics (BatchNorm) follow the first replica.
+    def broadcast_buffers(self) -> None:
+        """As DDP's ``broadcast_buffers``: running statistics (BatchNorm) follow the first replica."""
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         if buffers:
             with torch.no_grad():
-                self.with_recovery(lambda: wait_all([self.replicas.ibroadcast(b, root=0) for b in buffers]),
-                                   "broadcasting buffers")
+                wait_all([self.replicas.ibroadcast(b, root=0) for b in buffers])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.with_recovery(self.broadcast_buffers, "broadcasting buffers")
+
+    def evaluate_with_first_replicas_buffers(self) -> None:
+        """Each rank's last training batch moved its own running statistics; validation, test and predict
+        use the first replica's on every rank (DDP's first forward there broadcasts them too)."""
+        with self.metric_sync_guard():
+            self.broadcast_buffers()
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self.evaluate_with_first_replicas_buffers()
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self.evaluate_with_first_replicas_buffers()
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self.evaluate_with_first_replicas_buffers()
 
     def pre_backward(self, closure_loss: torch.Tensor) -> None:
         """Before backward: the buckets follow the parameters that now require gradients."""
@@ -151,7 +173,7 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         """Wait for the gradient buckets and average: every rank now holds the same gradients."""
-        if self.gradients is not None:
+        if self.gradients is not None and self.gradients.active:  # not while gradients accumulate
             self.gradients.synchronize()
             self.after_gradient_sync()
 
@@ -186,4 +208,5 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
             self.gradients = None
         if self._layer_sync is not None and self.model is not None:
             self.model = self._layer_sync.revert(self.model)
+        self.stop_recovery()
         super().teardown()

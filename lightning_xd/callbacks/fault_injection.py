@@ -1,4 +1,8 @@
-"""Deliberate failures for testing recovery (``--inject-fault MODE:rank=R,step=S``).
+"""Deliberate failures for testing recovery (``--inject-fault MODE:rank=R,step=S`` or ``...,batch=B``).
+
+``step=S``: at the start of the first training batch of optimizer step S; ``batch=B``: at the start of
+the B-th training batch of the run (counted from 0 over epochs: with gradient accumulation, any
+micro-batch of a step).
 
 Modes: ``kill`` (SIGKILL at that step), ``exit`` (leave without finalising MPI and without a
 signal, the case MPI does not detect), ``hang`` (stop responding), ``during-checkpoint`` (SIGKILL
@@ -11,6 +15,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 from lightning.pytorch import Callback
 
@@ -23,7 +28,13 @@ MODES = ("kill", "exit", "hang", "during-checkpoint")
 class Fault:
     mode: str
     rank: int
-    step: int
+    step: Optional[int] = None
+    batch: Optional[int] = None
+
+    def due(self, trainer) -> bool:
+        if self.batch is not None:
+            return trainer.fit_loop.total_batch_idx == self.batch
+        return trainer.global_step == self.step
 
 
 def parse_fault(spec: str) -> Fault:
@@ -31,9 +42,13 @@ def parse_fault(spec: str) -> Fault:
     mode, _, rest = spec.partition(":")
     try:
         fields = dict(part.split("=") for part in rest.split(",") if part)
-        fault = Fault(mode, int(fields.get("rank", 0)), int(fields["step"]))
-    except (ValueError, KeyError):
-        raise UserError(f"--inject-fault {spec!r} should look like kill:rank=1,step=20") from None
+        if ("step" in fields) == ("batch" in fields):
+            raise KeyError
+        at = {k: int(fields[k]) for k in ("step", "batch") if k in fields}
+        fault = Fault(mode, int(fields.get("rank", 0)), **at)
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"--inject-fault {spec!r} should look like kill:rank=1,step=20 (or batch=N "
+                        "instead of step=S)") from None
     if mode not in MODES:
         raise UserError(f"--inject-fault mode {mode!r} unknown; use one of {', '.join(MODES)}")
     return fault
@@ -59,7 +74,7 @@ class FaultInjector(Callback):
         return self.armed and trainer.global_rank == self.fault.rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._mine(trainer) and self.fault.mode != "during-checkpoint" and trainer.global_step == self.fault.step:
+        if self._mine(trainer) and self.fault.mode != "during-checkpoint" and self.fault.due(trainer):
             fail_now(self.fault.mode)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -68,5 +83,5 @@ class FaultInjector(Callback):
         io = trainer.strategy.checkpoint_io
         io = getattr(io, "checkpoint_io", None) or io  # inside Lightning's AsyncCheckpointIO
         if hasattr(io, "before_commit"):
-            io.before_commit = lambda step: (self._mine(trainer) and step >= self.fault.step
+            io.before_commit = lambda step: (self._mine(trainer) and step >= (self.fault.step or 0)
                                              and fail_now(self.fault.mode))

@@ -1,14 +1,20 @@
 """TinyRegressor through the real fault-tolerance path: mpi strategy, fault-tolerant checkpoints,
-fault injection; every rank appends the sample indices of each completed step to a file.
+fault injection; every rank appends, at each optimizer step, the sample indices whose gradients
+that step applies.
 
-usage: train_tiny_ft.py OUT_DIR EPOCHS [FAULT] [EXTRA SETTINGS as key=value ...]
+usage: train_tiny_ft.py OUT_DIR EPOCHS [FAULT] [SETTINGS as key=value ...]
+settings: strategy=mpi, every=2 (checkpoint every N steps), batchnorm=1 (a BatchNorm layer: its
+buffers are broadcast before every step), log=1 (an on_step sync_dist log inside training_step),
+accumulate=A (accumulate_grad_batches).
 """
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from torch import nn
 
 import strategies  # noqa: F401  (registers the names)
 from lightning_xd.callbacks import FaultInjector, FaultTolerantCheckpoint, parse_fault
@@ -23,31 +29,42 @@ settings = dict(arg.split("=") for arg in sys.argv[4:])
 
 
 class Recording(TinyRegressor):
-    """Remembers the samples of its last training step (a step redone after a failure trains on
-    other samples than the batch Lightning fetched for it)."""
+    """Remembers the samples of every training step since the last optimizer step, each with the number
+    of recoveries so far: a window interrupted by a failure is trained again on other batches, and
+    only what a step applies is counted."""
+
+    def __init__(self):
+        super().__init__(lr=0.05)
+        self.norm = nn.BatchNorm1d(6) if settings.get("batchnorm") == "1" else nn.Identity()
+        self.window: list[tuple[int, list[int]]] = []
+
+    def forward(self, x, ids):
+        return self.net(self.norm(torch.cat([x, self.embedding(ids)], dim=1)))
 
     def training_step(self, batch, batch_idx):
-        self.trained_on = batch[3].tolist()
-        return super().training_step(batch, batch_idx)
+        # counted by the recoveries before this batch's step began: a failure later in the step (in the
+        # log below, say) means its gradients are dropped and its samples trained again elsewhere
+        self.window.append((len(self.trainer.strategy.recoveries), batch[3].tolist()))
+        loss = super().training_step(batch, batch_idx)
+        if settings.get("log") == "1":
+            self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True)
+        return loss
 
 
 class RecordSamples(Callback):
-    """One line per completed step: epoch, global step, the sample indices this rank trained on."""
+    """One line per optimizer step: epoch, step, world size, the samples this rank's gradients held."""
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        with open(out / f"samples-{self.pid}.jsonl", "a") as f:
-            f.write(json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step,
-                                "world": trainer.world_size, "index": pl_module.trained_on,
-                                "loss": float(outputs["loss"])}) + "\n")
-
-    def setup(self, trainer, pl_module, stage):
-        import os
-
-        self.pid = os.getpid()
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        recoveries = len(trainer.strategy.recoveries)
+        applied = [i for seen_after, indices in pl_module.window if seen_after == recoveries for i in indices]
+        pl_module.window = []
+        with open(out / f"samples-{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step + 1,
+                                "world": trainer.world_size, "index": applied}) + "\n")
 
 
 strategy = STRATEGIES.build(settings.get("strategy", "mpi"), {})
-model = Recording(lr=0.05)
+model = Recording()
 callbacks = [RecordSamples(), FaultTolerantCheckpoint(out / "checkpoints", every_n_steps=int(settings.get("every", 2)))]
 if fault:
     callbacks.append(FaultInjector(parse_fault(fault)))
@@ -56,9 +73,10 @@ resume = choose_checkpoint("auto", out) if strategy.global_rank == 0 else None
 resume = strategy.comm.broadcast_object(resume) if hasattr(strategy, "comm") else resume
 trainer = Trainer(strategy=strategy, accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+                  accumulate_grad_batches=int(settings.get("accumulate", 1)),
                   plugins=[VerifiedCheckpointIO()], default_root_dir=str(out))
-trainer.fit(model, TinyData(batch_size=2, n_train=30, with_index=True), ckpt_path=resume)
-final = trainer.validate(model, TinyData(batch_size=2, n_train=30, with_index=True), verbose=False)[0]
+trainer.fit(model, TinyData(batch_size=2, n_train=36, with_index=True), ckpt_path=resume)
+final = trainer.validate(model, TinyData(batch_size=2, n_train=36, with_index=True), verbose=False)[0]
 if trainer.is_global_zero:
     torch.save({"state": model.state_dict(), "final": final, "steps": trainer.global_step,
                 "world": trainer.world_size, "summary": strategy.summary_metrics()}, out / "result.pt")

@@ -1,0 +1,24 @@
+"""The watchdog watches MPI waits only: a long computation is never taken for a hang, and a wait that
+follows a nested watched collective (an on_step ``sync_dist`` log) is still watched."""
+import time
+
+from lightning_xd.ulfm import HANG_EXIT_CODE
+
+ULFM = {"XD_FAULT_TOLERANCE": "ulfm"}
+
+
+def test_a_step_computing_longer_than_the_timeout_is_not_ended(mpirun, tmp_path):
+    mpirun(2, "watchdog_cases.py", str(tmp_path), "long-step", mpirun_args=["--with-ft", "ulfm"], env=ULFM,
+           timeout=120)
+    assert (tmp_path / "finished-rank0").read_text().strip() == "4"
+
+
+def test_a_peer_hung_after_a_nested_collective_ends_the_job(mpirun, tmp_path):
+    started = time.monotonic()
+    proc = mpirun(2, "watchdog_cases.py", str(tmp_path), "hangs-after-log", mpirun_args=["--with-ft", "ulfm"],
+                  env=ULFM, timeout=90, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not (tmp_path / "finished-rank0").exists(), output[-3000:]
+    assert "has waited over 2 s" in output, output[-3000:]
+    assert time.monotonic() - started < 60
+    assert HANG_EXIT_CODE == 75
