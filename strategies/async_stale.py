@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
@@ -184,6 +184,9 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self, trainer) -> None:
+        if self._layer_sync is not None and self.is_parallel and trainer.state.fn == TrainerFn.FITTING:
+            raise UserError("Trainer(sync_batchnorm=True) needs every rank in the same forward pass, but async "
+                            "workers run at their own pace: leave sync_batchnorm off or use the mpi strategy")
         super().setup(trainer)  # broadcast rank 0's parameters; optimizers everywhere
         if trainer.state.fn != TrainerFn.FITTING or not self.is_parallel:
             return
@@ -197,6 +200,10 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         refuse(needs_metrics_during_training(
             trainer.callbacks, self.lr_scheduler_configs, trainer.val_check_interval if validates else 1.0,
             getattr(trainer, "_val_check_time_interval", None) if validates else None))
+        finetuning = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
+        if finetuning:
+            raise UserError(f"{finetuning[0]} changes the optimizer's parameter groups at each worker's own epoch, "
+                            "which the async server's optimizer cannot follow; remove it or use --strategy mpi")
         if not (trainer.max_steps and trainer.max_steps > 0) and not (trainer.max_epochs and trainer.max_epochs > 0):
             raise UserError("the async strategy needs --max-steps or --max-epochs (its server counts them)")
 
@@ -477,6 +484,10 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         return decision if self._training else super().reduce_boolean_decision(decision, all)
+
+    def evaluate_with_first_replicas_buffers(self) -> None:
+        if not self._training:  # after training every rank holds the server's parameters and buffers
+            super().evaluate_with_first_replicas_buffers()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """No per-step broadcast of buffers: they travel with every push and pull."""
