@@ -26,6 +26,12 @@ with the newest parameters like any other. This keeps both invariants without sp
 in-flight set is exactly the computations that may still arrive, and the limit counts every batch
 a worker consumes, so an epoch stays one pass over every shard.
 
+Where the workers count their own epochs (manual optimization: a batch makes as many steps as the
+module asks for, so the server cannot know the epoch in steps), each says hello with an unknown epoch
+size and sends FINISHED when its last epoch is done: it leaves the run, which goes on with the others
+until the last has finished (or ``limit`` steps, when the run has one), and the server records the
+epochs done.
+
 A worker whose training ends on its own (``trainer.should_stop`` set by a callback such as Lightning's
 ``Timer``, or by the module) sends LEAVE: its computation in flight is forgotten, and the run stops
 as one, as Lightning stops every process when one of them asks to: the computations in flight are
@@ -48,22 +54,27 @@ from lightning_xd.flat import FlatLayout
 
 SERVER = 0
 TAG_HEADER, TAG_PAYLOAD, TAG_REPLY, TAG_REPLY_PAYLOAD = 101, 102, 103, 104
-HELLO, GRADIENT, SKIPPED, LEAVE = 0.0, 1.0, 2.0, 3.0
-HEADER_SIZE = 5  # kind, version computed from, steps per epoch (hello) or optimizer index, loss, spare
+HELLO, GRADIENT, SKIPPED, LEAVE, FINISHED = 0.0, 1.0, 2.0, 3.0, 4.0
+HEADER_SIZE = 5  # kind, version computed from, steps per epoch (hello), optimizer index or epochs done, loss, spare
 
 
 class ParameterSet:
     """The tensors workers and server exchange, in one order both sides agree on.
 
     Pull: every parameter and floating-point buffer (running statistics follow the latest
-    push). Push: the gradients of one optimizer's parameters; sparse gradients travel as
-    (indices, values), never densified.
+    push), and the integer buffers (counters such as BatchNorm's ``num_batches_tracked``). Push: the
+    gradients of one optimizer's parameters with which of them have one (a parameter the step did not
+    reach keeps ``grad = None`` on the server too, so the optimizer leaves it alone, as in one process);
+    sparse gradients travel as (indices, values), never densified; the floating-point buffers; and how
+    far the counters moved since the pull (the server adds that up: it counts every worker's batches).
     """
 
     def __init__(self, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]):
         self.params = [p for p in module.parameters()]
         self.buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self.counters = [b for b in module.buffers() if not b.is_floating_point()]
         self.state = FlatLayout(self.params + self.buffers)
+        self.counter_layout = FlatLayout(self.counters) if self.counters else None
         sparse_ids = {id(p) for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
                       and m.sparse for p in m.parameters(recurse=False)}
         self.groups = [[p for g in opt.param_groups for p in g["params"]] for opt in optimizers]
@@ -78,6 +89,19 @@ class ParameterSet:
     def load_state(self, flat: Tensor) -> None:
         self.state.unpack(flat, [p.data for p in self.params] + self.buffers)
 
+    def pack_counters(self) -> Optional[Tensor]:
+        return self.counter_layout.pack(self.counters) if self.counter_layout is not None else None
+
+    def load_counters(self, flat: Optional[Tensor]) -> None:
+        if flat is not None:
+            self.counter_layout.unpack(flat, self.counters)
+
+    def share(self, broadcast: Callable[[Tensor], Tensor]) -> None:
+        """Every rank takes the root's parameters, buffers and counters (``broadcast`` a flat tensor)."""
+        self.load_state(broadcast(self.pack_state()))
+        if self.counter_layout is not None:
+            self.load_counters(broadcast(self.pack_counters()))
+
 
 @dataclass
 class Gradient:
@@ -86,8 +110,10 @@ class Gradient:
     optimizer: int
     loss: float
     dense: Optional[Tensor]
+    present: Optional[Tensor]  # which dense parameters have a gradient (1) or none (0)
     sparse: list[tuple[Tensor, Tensor]]
     buffers: Optional[Tensor]
+    counters: Optional[Tensor]  # how far the integer buffers moved during the computation
     applied: bool = True  # False: the worker's step ended without a gradient (SKIPPED)
 
 
@@ -98,6 +124,7 @@ class WorkerClient:
         self.comm, self.params = comm, params
         self.version = -1
         self.stopped = False  # the server said stop, or we left: nothing more may be sent
+        self.pulled_counters: Optional[Tensor] = None
 
     def _send_header(self, kind: float, a: float, b: float, loss: float = 0.0) -> None:
         self.comm.send(torch.tensor([kind, a, b, loss, 0.0], dtype=torch.float64), SERVER, TAG_HEADER)
@@ -117,11 +144,18 @@ class WorkerClient:
         self._send_header(LEAVE, self.version, 0)
         self.stopped = True
 
+    def finish(self, epochs: int) -> None:
+        """Our last epoch is done (the workers count epochs): the run goes on without us."""
+        self._send_header(FINISHED, self.version, epochs)
+        self.stopped = True
+
     def push(self, optimizer: int, loss: float) -> None:
         """Send the gradients of ``optimizer``'s parameters, tagged with the version they come from."""
         p = self.params
         self._send_header(GRADIENT, self.version, optimizer, loss)
         if p.dense_layouts[optimizer] is not None:
+            present = torch.tensor([q.grad is not None for q in p.dense[optimizer]], dtype=torch.uint8)
+            self.comm.send(present, SERVER, TAG_PAYLOAD)
             self.comm.send(p.dense_layouts[optimizer].pack([q.grad for q in p.dense[optimizer]]), SERVER,
                            TAG_PAYLOAD)
         for q in p.sparse[optimizer]:
@@ -134,6 +168,8 @@ class WorkerClient:
                 self.comm.send(values.to(q.dtype), SERVER, TAG_PAYLOAD)
         if p.buffer_layout is not None:
             self.comm.send(p.buffer_layout.pack(p.buffers), SERVER, TAG_PAYLOAD)
+        if p.counter_layout is not None:
+            self.comm.send(p.pack_counters() - self.pulled_counters, SERVER, TAG_PAYLOAD)
 
     def pull(self) -> bool:
         """Wait for the server's newest parameters; False when they come with the order to stop."""
@@ -142,6 +178,10 @@ class WorkerClient:
         flat = self.params.state.empty()
         self.comm.recv(flat, SERVER, TAG_REPLY_PAYLOAD)
         self.params.load_state(flat)
+        if self.params.counter_layout is not None:
+            self.pulled_counters = self.params.counter_layout.empty()
+            self.comm.recv(self.pulled_counters, SERVER, TAG_REPLY_PAYLOAD)
+            self.params.load_counters(self.pulled_counters)
         self.version = int(header[0])
         self.stopped = not bool(header[1])
         return not self.stopped
@@ -188,13 +228,15 @@ class ParameterServer:
         self.sent_state: dict[int, Tensor] = {}  # worker -> parameters it computes on (delay compensation)
         self.waiting: deque[int] = deque()
         self.stopped: set[int] = set()
-        self.limit: Optional[int] = None
+        self.limit: Optional[float] = None
         self.steps_per_epoch = 0
+        self.epochs_finished = 0  # where the workers count epochs: the most any finished worker did
         self.stats = ServerStats()
 
     # ---- the loop ------------------------------------------------------------------------
-    def serve(self, limit: Callable[[int], int]) -> ServerStats:
-        """Run until every worker has stopped. ``limit(steps_per_epoch)`` -> the steps the run takes."""
+    def serve(self, limit: Callable[[int], float]) -> ServerStats:
+        """Run until every worker has stopped. ``limit(steps_per_epoch)`` -> the steps the run takes (inf:
+        until every worker has finished its epochs)."""
         for _ in self.workers:  # every worker says hello first: the epoch size is the sum of theirs
             header, worker = self._receive_header()
             self.steps_per_epoch += int(header[2])
@@ -231,11 +273,16 @@ class ParameterServer:
         if kind == LEAVE:
             self._leave(worker)
             return None
+        if kind == FINISHED:
+            self._finish(worker, epochs=optimizer)
+            return None
         if kind == SKIPPED:
-            return Gradient(worker, version, optimizer, loss, None, [], None, applied=False)
+            return Gradient(worker, version, optimizer, loss, None, None, [], None, None, applied=False)
         p = self.params
-        dense = None
+        dense = present = None
         if p.dense_layouts[optimizer] is not None:
+            present = torch.empty(len(p.dense[optimizer]), dtype=torch.uint8)
+            self.comm.recv(present, worker, TAG_PAYLOAD)
             dense = p.dense_layouts[optimizer].empty()
             self.comm.recv(dense, worker, TAG_PAYLOAD)
         sparse = []
@@ -248,11 +295,14 @@ class ParameterServer:
                 self.comm.recv(indices, worker, TAG_PAYLOAD)
                 self.comm.recv(values, worker, TAG_PAYLOAD)
             sparse.append((indices, values))
-        buffers = None
+        buffers = counters = None
         if p.buffer_layout is not None:
             buffers = p.buffer_layout.empty()
             self.comm.recv(buffers, worker, TAG_PAYLOAD)
-        return Gradient(worker, version, optimizer, loss, dense, sparse, buffers)
+        if p.counter_layout is not None:
+            counters = p.counter_layout.empty()
+            self.comm.recv(counters, worker, TAG_PAYLOAD)
+        return Gradient(worker, version, optimizer, loss, dense, present, sparse, buffers, counters)
 
     # ---- applying ----------------------------------------------------------------------------
     def _leave(self, worker: int) -> None:
@@ -261,6 +311,13 @@ class ParameterServer:
         self.sent_state.pop(worker, None)
         self.stopped.add(worker)
         self.limit = min(self.limit, self.steps + len(self.pulled))  # what is in flight, then nothing more
+
+    def _finish(self, worker: int, epochs: int) -> None:
+        """``worker`` did its epochs: it has nothing in flight; the others go on."""
+        self.pulled.pop(worker, None)
+        self.sent_state.pop(worker, None)
+        self.stopped.add(worker)
+        self.epochs_finished = max(self.epochs_finished, epochs)
 
     @torch.no_grad()
     def _apply(self, g: Gradient) -> None:
@@ -278,12 +335,14 @@ class ParameterServer:
                 where = {id(q): i for i, q in enumerate(p.params)}
                 for q, grad in zip(p.dense[g.optimizer], grads):
                     grad.add_(self.delay_compensation * grad * grad * (q - pulled[where[id(q)]]))
-            for q, grad in zip(p.dense[g.optimizer], grads):
-                q.grad = grad
+            for q, grad, present in zip(p.dense[g.optimizer], grads, g.present.tolist()):
+                q.grad = grad if present else None
         for q, (indices, values) in zip(p.sparse[g.optimizer], g.sparse):
-            q.grad = torch.sparse_coo_tensor(indices.unsqueeze(0), values, q.shape).coalesce()
+            q.grad = torch.sparse_coo_tensor(indices.unsqueeze(0), values, q.shape).coalesce() if len(indices) else None
         if g.buffers is not None:
             p.buffer_layout.unpack(g.buffers, p.buffers)
+        if g.counters is not None:
+            p.load_counters(p.pack_counters() + g.counters)
         self.optimizers[g.optimizer].step()
         self.optimizers[g.optimizer].zero_grad(set_to_none=True)
         self.version += 1
@@ -320,6 +379,8 @@ class ParameterServer:
         self.comm.send(torch.tensor([self.version, int(go)]), worker, TAG_REPLY)
         state = self.params.pack_state()
         self.comm.send(state, worker, TAG_REPLY_PAYLOAD)
+        if self.params.counter_layout is not None:
+            self.comm.send(self.params.pack_counters(), worker, TAG_REPLY_PAYLOAD)
         if not go:
             self.stopped.add(worker)
             return

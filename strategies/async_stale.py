@@ -29,7 +29,11 @@ optimizer state, version) every epoch and at the end, and drives Lightning's ``M
 (without a monitor) through its own hooks, with ``trainer.global_step`` and ``current_epoch``
 showing the run's progress; every rank ends knowing the same checkpoint paths. A run resumes from
 them with ``trainer.fit(ckpt_path=...)``. A worker that stops on its own (``trainer.should_stop``,
-Lightning's ``Timer``) stops the run. World size 1 is plain local training.
+Lightning's ``Timer``) stops the run. Under manual optimization a batch makes as many steps as the
+module asks for, so each worker runs its own ``max_epochs`` over its shard and the run ends when the
+last has finished (``--max-steps`` still counts server steps). A parameter no step reached keeps no
+gradient on the server too, and BatchNorm's batch counter counts every worker's batches. World size 1
+is plain local training.
 """
 from __future__ import annotations
 
@@ -266,19 +270,27 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         self.client = WorkerClient(self.comm, params)
         steps_per_epoch = trainer.num_training_batches
         steps_per_epoch = math.ceil(steps_per_epoch / trainer.accumulate_grad_batches) if math.isfinite(
-            steps_per_epoch) else 0
+            steps_per_epoch) and not self._workers_count_epochs else 0
         if not self.client.hello(steps_per_epoch):
             trainer.should_stop = True
+
+    @property
+    def _workers_count_epochs(self) -> bool:
+        """Under manual optimization a batch makes as many optimizer steps as the module asks for, so the
+        server cannot count an epoch in steps: each worker runs its own epochs and says when it is done."""
+        return not self.lightning_module.automatic_optimization
 
     def _leave_decisions_to_the_server(self, trainer) -> None:
         """On a worker: the server decides when training stops and steps the LR schedules; Lightning's own
         limits would count local steps, and its schedulers would step on local steps (OneCycleLR fails
-        once a fast worker has taken more than its share). Restored when training ends."""
+        once a fast worker has taken more than its share). Restored when training ends. Where the workers
+        count epochs (manual optimization), each keeps its epoch limits."""
         fit_loop = trainer.fit_loop
         self._set_aside = {"max_epochs": fit_loop.max_epochs, "max_steps": fit_loop.epoch_loop.max_steps,
                            "min_epochs": fit_loop.min_epochs, "min_steps": fit_loop.epoch_loop.min_steps}
-        fit_loop.max_epochs, fit_loop.epoch_loop.max_steps = -1, -1
-        fit_loop.min_epochs, fit_loop.epoch_loop.min_steps = 0, 0  # the server's stop is obeyed at once
+        fit_loop.epoch_loop.max_steps, fit_loop.epoch_loop.min_steps = -1, 0  # the server's stop is obeyed at once
+        if not self._workers_count_epochs:
+            fit_loop.max_epochs, fit_loop.min_epochs = -1, 0
         if self.lightning_module.automatic_optimization:  # manual optimization steps its schedulers itself
             self._set_aside["lr_scheduler_configs"], self.lr_scheduler_configs = self.lr_scheduler_configs, []
         # ModelCheckpoint saves the run's checkpoints on the server; on a worker it would record files
@@ -293,7 +305,7 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
             limits = [max_steps] if max_steps and max_steps > 0 else []
             if max_epochs is not None and max_epochs > 0 and steps_per_epoch > 0:
                 limits.append(max_epochs * steps_per_epoch)
-            return max(self.steps, min(limits))
+            return max(self.steps, min(limits, default=math.inf))  # inf: until the workers finish their epochs
 
         self.server = ParameterServer(self.comm, params, self.optimizers, self.max_staleness,
                                       self.delay_compensation, version=self.version, steps=self.steps,
@@ -357,6 +369,9 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
     def _exchange(self, push_pull: _PushPull) -> None:
         """Push this step's gradient (or "no gradient" when the step was skipped), pull the newest parameters."""
         client = self.client
+        if client.stopped:  # a step after the server's stop (manual optimization): beyond the run's limit
+            self.lightning_module.trainer.should_stop = True
+            return
         if push_pull.stepped and push_pull.has_gradient:
             loss = push_pull.loss
             client.push(push_pull.index, float(loss) if isinstance(loss, (torch.Tensor, float, int)) else float("nan"))
@@ -378,12 +393,16 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
             return
         trainer = self.lightning_module.trainer
         if self.client is not None and not self.client.stopped:
-            self.client.leave()  # stopped on its own (Timer, should_stop): the run stops as one
-        state = ParameterSet(self.lightning_module, self.optimizers)
-        flat = state.pack_state()
-        self.comm.broadcast(flat, root=SERVER)  # every rank evaluates the server's parameters
-        state.load_state(flat)
-        epochs = self.steps // self.server.steps_per_epoch if self.is_server and self.server.steps_per_epoch else 0
+            if self._workers_count_epochs and trainer.max_epochs and trainer.current_epoch >= trainer.max_epochs:
+                self.client.finish(trainer.current_epoch)  # its epochs are done; the others go on
+            else:
+                self.client.leave()  # stopped on its own (Timer, should_stop): the run stops as one
+        # every rank evaluates the server's parameters
+        ParameterSet(self.lightning_module, self.optimizers).share(lambda t: self.comm.broadcast(t, root=SERVER))
+        epochs = 0
+        if self.is_server:
+            server = self.server
+            epochs = self.steps // server.steps_per_epoch if server.steps_per_epoch else server.epochs_finished
         counts = self.comm.broadcast(torch.tensor([self.version, self.steps, epochs]), root=SERVER)
         self.version, self.steps = int(counts[0]), int(counts[1])
         show_run_progress(trainer, self.steps, int(counts[2]))

@@ -28,7 +28,7 @@ def fit_summary(trainer: Trainer, model: torch.nn.Module, record: Any = None) ->
     summary = {"state": state_of(model), "global_step": trainer.global_step, "current_epoch": trainer.current_epoch,
                "lrs": [g["lr"] for opt in trainer.optimizers for g in opt.param_groups],
                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-               "strategy_class": type(trainer.strategy).__name__}
+               "strategy_class": type(trainer.strategy).__name__, "threads": torch.get_num_threads()}
     own_summary = getattr(trainer.strategy, "summary_metrics", None)
     if callable(own_summary):
         summary["strategy_summary"] = own_summary()

@@ -241,6 +241,15 @@ def backbone_finetuning():
                               backbone_initial_ratio_lr=0.5, should_align=False, verbose=False)
 
 
+class SeedAtFirstBatch(Callback):
+    """The same dropout masks in every run: the global RNG is seeded just before the first batch's forward
+    (whatever drew from it before: a DataLoader iterator draws its base seed, ours restores the draw)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == 0:
+            torch.manual_seed(0)
+
+
 class RecordTraining(Callback):
     """What a rank trained on (its batches, as given to training_step) and the learning rate after each batch."""
 

@@ -1,8 +1,8 @@
 """One-process references, run in the pytest process with Lightning's own single-device training.
 
-Lightning shards every training loader of a distributed strategy with a shuffling ``DistributedSampler``
-(seed 0, reshuffled each epoch), whatever the loader's own sampler. ``StepOrder`` replays that: one process
-reads, for each step, the k-th batch of every rank one after the other, as one batch.
+Lightning shards every training loader of a distributed strategy with a ``DistributedSampler`` (seed 0,
+reshuffled each epoch where the loader shuffled, in order where it did not). ``StepOrder`` replays that: one
+process reads, for each step, the k-th batch of every rank one after the other, as one batch.
 
 ``union``: what two ranks of a synchronous strategy must end with: one process trained on the union of each
 step's batches (the mean loss over the union is the mean of the ranks' equal-sized means, and a BatchNorm
@@ -22,14 +22,15 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from conformance.harness import QUIET, fit_summary
-from conformance.models import BATCH, RecordTraining, boring_data, token_data, transformer
+from conformance.models import BATCH, RecordTraining, SeedAtFirstBatch, boring_data, token_data, transformer
 
 
 class StepOrder(Sampler[int]):
     """The samples of ``size`` in the order ``replicas`` ranks train on them: per step, each rank's batch."""
 
-    def __init__(self, size: int, replicas: int, batch_size: int, drop_last: bool = False):
+    def __init__(self, size: int, replicas: int, batch_size: int, drop_last: bool = False, shuffle: bool = True):
         self.size, self.replicas, self.batch_size, self.drop_last = size, replicas, batch_size, drop_last
+        self.shuffle = shuffle  # Lightning's sampler shuffles only where the loader's own sampler did
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -38,7 +39,8 @@ class StepOrder(Sampler[int]):
     def shards(self) -> list[list[int]]:
         shards = []
         for rank in range(self.replicas):
-            sampler = DistributedSampler(range(self.size), num_replicas=self.replicas, rank=rank, shuffle=True, seed=0)
+            sampler = DistributedSampler(range(self.size), num_replicas=self.replicas, rank=rank,
+                                         shuffle=self.shuffle, seed=0)
             sampler.set_epoch(self.epoch)
             shards.append(list(sampler))
         return shards
@@ -54,20 +56,19 @@ class StepOrder(Sampler[int]):
         return sum(1 for _ in self)
 
 
-def in_step_order(dataset, replicas: int, batch_size: int = BATCH, drop_last: bool = False) -> DataLoader:
+def in_step_order(dataset, replicas: int, batch_size: int = BATCH, drop_last: bool = False,
+                  shuffle: bool = True) -> DataLoader:
     """One process's loader whose batches are the union of ``replicas`` ranks' batches of each step."""
-    sampler = StepOrder(len(dataset), replicas, batch_size, drop_last)
+    sampler = StepOrder(len(dataset), replicas, batch_size, drop_last, shuffle)
     return DataLoader(dataset, batch_size=replicas * batch_size, sampler=sampler)
 
 
 def fit_one_process(make_model: Callable, train: DataLoader, epochs: int = 1, callbacks: tuple = (),
-                    dropout_seed: bool = False, **settings) -> dict:
+                    **settings) -> dict:
     torch.manual_seed(0)
     model, record = make_model(), RecordTraining()
     trainer = Trainer(devices=1, plugins=[LightningEnvironment()], max_epochs=epochs, limit_val_batches=0,
                       callbacks=[record, *callbacks], **{**QUIET, **settings})
-    if dropout_seed:
-        torch.manual_seed(0)
     trainer.fit(model, train)
     return fit_summary(trainer, model, record)
 
@@ -89,8 +90,19 @@ def union(name: str) -> dict:
 
 
 @lru_cache(maxsize=None)
-def one_worker(name: str) -> dict:
-    """The async cases on one worker: one process on the whole training set, in order, batches of BATCH."""
+def one_worker(name: str, threads: int) -> dict:
+    """The async cases on one worker: one process on the whole training set, in order, batches of BATCH,
+    computed with the worker's number of threads (another splits sums differently: the transformer then
+    drifts by 1e-4 in 8 steps)."""
+    own = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _one_worker(name)
+    finally:
+        torch.set_num_threads(own)
+
+
+def _one_worker(name: str) -> dict:
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     from conformance.models import (BoringStepSchedule, BoringWithBackbone, BoringWithUnused, ClassifierData,
@@ -115,7 +127,8 @@ def one_worker(name: str) -> dict:
         return fit_one_process(MetricClassifier, in_step_order(ClassifierData().sets["train"], 1), epochs=2)
     if name in ("transformer", "transformer_bf16"):
         settings = {"precision": "bf16-mixed"} if name == "transformer_bf16" else {}
-        return fit_one_process(transformer, in_step_order(token_data(), 1), dropout_seed=True, **settings)
+        return fit_one_process(transformer, in_step_order(token_data(), 1),
+                               callbacks=(SeedAtFirstBatch(),), **settings)
     raise ValueError(name)
 
 

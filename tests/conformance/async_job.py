@@ -1,0 +1,59 @@
+"""The ``async`` strategy's cases, in one MPI job of 2 ranks (the server and one worker: deterministic, compared
+with one process by the tests) or 3 ranks (the server and two workers: checked for the strategy's invariants).
+
+usage: async_job.py OUT_DIR CASE/STRATEGY [CASE/STRATEGY ...]
+The cases of conformance.cases, and the async strategy's own:
+- refusals: what needs validation during training (EarlyStopping, ModelCheckpoint(monitor=...),
+  ReduceLROnPlateau, val_check_interval) on the classifier: each fit must end in the same one-line error on
+  every rank and leave the ranks in step for the next fit;
+- straggler: the classifier for 2 epochs while rank 2 is 20 ms slower per batch, then validate, test, predict.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from conformance.cases import CASES, case_classifier, trainer_for
+from conformance.harness import run
+from conformance.models import ClassifierData, MetricClassifier
+from lightning_xd.errors import UserError
+
+
+class PlateauClassifier(MetricClassifier):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
+
+
+class SlowOnRank2(MetricClassifier):
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.trainer.global_rank == 2:
+            time.sleep(0.02)
+
+
+def case_refusals(folder, strategy):
+    fits = {"EarlyStopping": (MetricClassifier, {"callbacks": [EarlyStopping(monitor="val_loss")]}),
+            "ModelCheckpoint": (MetricClassifier, {"callbacks": [ModelCheckpoint(monitor="val_loss")],
+                                                   "enable_checkpointing": True}),
+            "ReduceLROnPlateau": (PlateauClassifier, {}),
+            "val_check_interval": (MetricClassifier, {"val_check_interval": 0.5})}
+    messages = {}
+    for name, (model_class, settings) in fits.items():
+        trainer = trainer_for(folder / name, strategy, max_epochs=1, **settings)
+        try:
+            trainer.fit(model_class(), ClassifierData())
+            messages[name] = None
+        except UserError as err:
+            messages[name] = str(err)
+    return {"messages": messages}
+
+
+def case_straggler(folder, strategy):
+    return case_classifier(folder, strategy, SlowOnRank2)
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]), {**CASES, "refusals": case_refusals, "straggler": case_straggler}, sys.argv[2:])
