@@ -4,7 +4,8 @@ Lightning's own demo models (``BoringModel``, ``ManualOptimBoringModel``, the ``
 model on random tokens) and a torchmetrics classifier with BatchNorm, under ``mpi`` (compared with Lightning's
 DDP on gloo launched in the same MPI job, or with one process on the union of the ranks' batches), ``async``
 (compared with one process where one worker makes it deterministic, otherwise checked for its invariants) and
-``hybrid`` (the pipeline contract's TinyPipelined; foreign modules refused in one line).
+``hybrid`` (foreign modules refused in one line; the classifier with the three pipeline methods a user adds
+equal to one process).
 
 Each strategy (and world size) runs one MPI job that goes through many cases in sequence (``*_job.py`` here);
 each case saves what every rank saw, or its error and traceback, so one broken case hides no other. The

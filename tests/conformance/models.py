@@ -147,6 +147,42 @@ class MetricClassifier(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class CalledWithBatch(nn.Module):
+    """A part of a model called as the pipeline calls a stage, ``stage(h, batch)``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, h, batch):
+        return self.module(h)
+
+
+class PipelinedClassifier(MetricClassifier):
+    """What a user adds to ``MetricClassifier`` to train it under ``hybrid``: its two parts as stages (kept
+    in a plain list: its state dict stays the classifier's), its input, and its loss and logs."""
+
+    def pipeline_stages(self):
+        if "_stages" not in self.__dict__:
+            self.__dict__["_stages"] = [CalledWithBatch(self.backbone), CalledWithBatch(self.head)]
+        return self.__dict__["_stages"]
+
+    def pipeline_input(self, batch):
+        return batch[0]
+
+    def pipeline_loss(self, output, batch, stage):
+        _, y, _ = batch
+        loss = F.cross_entropy(output, y)
+        if stage == "train":
+            self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        else:
+            accuracy = getattr(self, f"{stage}_acc")
+            accuracy(output, y)
+            self.log(f"{stage}_loss", loss, sync_dist=True)
+            self.log(f"{stage}_acc", accuracy)
+        return loss
+
+
 def global_metrics(model: MetricClassifier, data: TensorDataset) -> dict[str, float]:
     """What the classifier's logged evaluation metrics are on the whole of ``data``, in one process."""
     x, y, _ = data.tensors
