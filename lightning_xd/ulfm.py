@@ -49,10 +49,15 @@ class Watchdog:
     Installed as the comm layer's wait watcher (``comm.watch_waits``): every blocking MPI call and
     every wait for a non-blocking one registers while it waits. Waits may nest or overlap (a metric's
     gather inside a logging call); each is timed on its own, so the end of one never unwatches another.
+
+    The process that hung is not waiting in MPI; it may not even end on the job's SIGTERM (Lightning
+    catches it to stop at the next batch). Its own watchdog ends it when the process that launched it
+    (mpirun's daemon) is gone: a rank never outlives its job.
     """
 
     def __init__(self, timeout: float):
         self.timeout = timeout
+        self._launcher = os.getppid()
         self._waiting: dict[int, tuple[float, str]] = {}  # token -> (since, what)
         self._tokens = itertools.count()
         thread = threading.Thread(target=self._watch, name="collective-watchdog", daemon=True)
@@ -70,6 +75,8 @@ class Watchdog:
     def _watch(self) -> None:
         while True:
             time.sleep(min(1.0, self.timeout / 4))
+            if os.getppid() != self._launcher:  # (its output went with it: nothing to print to)
+                os._exit(HANG_EXIT_CODE)
             waits = list(self._waiting.values())
             if not waits:
                 continue
@@ -78,7 +85,17 @@ class Watchdog:
                 print(f"error: {what} has waited over {self.timeout:.0f} s: a process is gone without being "
                       "reported or has hung; ending the job so that it can be restarted from its checkpoint",
                       file=sys.stderr, flush=True)
-                os._exit(HANG_EXIT_CODE)
+                end_the_job(HANG_EXIT_CODE)
+
+
+def end_the_job(code: int) -> None:
+    """End every process of the job, the hung one too (it is alive: exiting alone would leave it
+    holding its host), through ``MPI_Abort``; should the abort itself hang, exit this process anyway."""
+    threading.Timer(10.0, os._exit, (code,)).start()
+    try:
+        mpi().COMM_WORLD.Abort(code)
+    finally:
+        os._exit(code)
 
 
 @contextmanager

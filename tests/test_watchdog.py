@@ -1,5 +1,6 @@
 """The watchdog watches MPI waits only: a long computation is never taken for a hang, and a wait that
 follows a nested watched collective (an on_step ``sync_dist`` log) is still watched."""
+import subprocess
 import time
 
 from lightning_xd.ulfm import HANG_EXIT_CODE
@@ -21,4 +22,11 @@ def test_a_peer_hung_after_a_nested_collective_ends_the_job(mpirun, tmp_path):
     assert proc.returncode != 0 and not (tmp_path / "finished-rank0").exists(), output[-3000:]
     assert "has waited over 2 s" in output, output[-3000:]
     assert time.monotonic() - started < 60
+    deadline = time.monotonic() + 10  # the hung rank is ended with the job, not left holding its host
+    while (left := subprocess.run(["pgrep", "-a", "-f", str(tmp_path)], capture_output=True,
+                                  text=True).stdout.splitlines()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for line in left:
+        subprocess.run(["kill", "-9", line.split()[0]])
+    assert not left, f"processes of the job still alive after it ended: {left}"
     assert HANG_EXIT_CODE == 75
