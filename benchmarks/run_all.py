@@ -72,6 +72,9 @@ def summary(results_dir: Path, quick: bool) -> dict:
                                                      for s in pipeline["schedules"]}
                                                  for m in pipeline["pipeline_bubble_measured_over_theory"]},
         "checkpoint_overhead_pct": {m: r["overhead_pct"] for m, r in checkpoint["models"].items()},
+        "mpi_communication_hidden_by_overlap": {m: r["hidden_communication_share"]
+                                                for m, r in strategies["models"].items()
+                                                if r.get("hidden_communication_share")},
     }
     result = {key: medians(value) for key, value in ranges.items()}
     result.update(

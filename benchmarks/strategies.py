@@ -6,7 +6,9 @@ and scaling efficiency from 1 to N processes, for the same model, data and batch
 Everything runs in one MPI job of N processes (default 2): for each model, ``single`` on rank 0
 alone (the others wait without taking a core; it gets all the cores, as train.py gives one
 process), then ``ddp``, ``mpi``, ``async`` and ``hybrid`` on all N (each process a 1/N share of the
-cores). Each repetition runs every strategy once, in an order rotated between repetitions, so
+cores), and ``mpi_no_overlap``: ``mpi`` with its buckets started only after backward (``overlap=False``),
+to measure how much of ``mpi``'s communication its overlap with backward hides. Each repetition runs
+every strategy once, in an order rotated between repetitions, so
 drifting machine load does not favour one. Every strategy uses the model's default dataset and
 the same per-process batch size. A strategy that cannot run the model (``hybrid`` needs a model
 cut into pipeline stages) is recorded as not applicable, with the reason.
@@ -27,20 +29,28 @@ Per step (Lightning hooks, ``benchmarks/step_timer.py``), medians over the timed
   (``on_before_optimizer_step`` to the step's end). ``hybrid``: inside idle (null).
 samples/s: the training samples of all processes over the slowest process's time in timed steps
 (a pipeline's stages read the same samples: counted once). Scaling efficiency: a strategy's
-samples/s over N x ``single``'s, in the same run.
+samples/s over N x ``single``'s, in the same run. Hidden communication share: per repetition,
+1 - communication of ``mpi`` / communication of ``mpi_no_overlap`` (the same exchange, not overlapped).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 if __name__ == "__main__":  # the repository first: this file must not shadow the strategies package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks import common  # noqa: E402
 
-STRATEGIES_COMPARED = ("single", "ddp", "mpi", "async", "hybrid")
-SPLIT = {"single": "local", "ddp": "switch", "mpi": "switch", "async": "optimizer_step", "hybrid": "bubble"}
+STRATEGIES_COMPARED = ("single", "ddp", "mpi", "mpi_no_overlap", "async", "hybrid")
+SPLIT = {"single": "local", "ddp": "switch", "mpi": "switch", "mpi_no_overlap": "switch", "async": "optimizer_step",
+         "hybrid": "bubble"}
+VARIANTS = {"mpi_no_overlap": ("mpi", {"overlap": False})}  # name -> (strategy, its settings)
+
+
+def strategy_of(name: str) -> tuple[str, dict]:
+    return VARIANTS.get(name, (name, {}))
 PARTS = ("compute_s", "communication_s", "idle_s")
 
 
@@ -67,7 +77,7 @@ def not_applicable(workload, name: str, nprocs: int):
     from lightning_xd.errors import UserError
     from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES, accepted_settings
 
-    check = getattr(STRATEGIES.get(name).build, "check_settings", None)
+    check = getattr(STRATEGIES.get(strategy_of(name)[0]).build, "check_settings", None)
     if check is None:
         return None
     model = MODELS.build(workload.model, workload.settings,
@@ -107,7 +117,8 @@ def measure(workload, name: str, args) -> dict:
     method = SPLIT[name]
     timer = st.StepTimer(args.warmup, switch_exchange_off=method == "switch", align=method in ("switch", "bubble"))
     steps = args.warmup + args.steps * (2 if method == "switch" else 1)
-    trainer = harness.fit(workload, name, steps, [timer])
+    strategy, settings = strategy_of(name)
+    trainer = harness.fit(workload, strategy, steps, [timer], strategy_settings=settings)
     per_rank = [timer.steps] if processes == 1 else timer.gather()
     step_s = st.step_seconds(per_rank)
     divisor = getattr(trainer.strategy, "stages", 1)
@@ -136,7 +147,7 @@ def compare(workload, args) -> dict:
                 runs[name].append(measure(workload, name, args))
             if world().rank == 0:
                 r = runs[name][-1]
-                print(f"{workload.model} {name:7} repetition {repetition + 1}/{args.repeats}: "
+                print(f"{workload.model} {name:14} repetition {repetition + 1}/{args.repeats}: "
                       f"{r['samples_per_s']:9.1f} samples/s, step {1e3 * r['step_s']:7.2f} ms", flush=True)
     return summarize(runs, skipped, workload, args)
 
@@ -159,7 +170,16 @@ def summarize(runs: dict, skipped: dict, workload, args) -> dict:
             for name, values in throughput.items() if name != "single"}
     if "mpi" in throughput and "ddp" in throughput:
         result["mpi_over_ddp_samples_per_s"] = common.ratio_stats(throughput["mpi"], throughput["ddp"])
+    if "mpi" in runs and "mpi_no_overlap" in runs:
+        result["hidden_communication_share"] = hidden_share(runs["mpi"], runs["mpi_no_overlap"])
     return result
+
+
+def hidden_share(overlapped: list[dict], after_backward: list[dict]) -> Optional[dict]:
+    """Per repetition, the share of the exchange's cost that overlapping it with backward hid."""
+    shares = [1 - a["communication_s"] / b["communication_s"]
+              for a, b in zip(overlapped, after_backward) if b["communication_s"] > 0]
+    return common.stats(shares) if shares else None
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -198,6 +218,11 @@ def run(args) -> None:
         plot(result, path.with_suffix(".png"))
         for model, ratio in result["mpi_over_ddp_samples_per_s"].items():
             print(f"{model}: mpi / ddp samples/s = {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f})")
+        for model, figures in models.items():
+            if figures.get("hidden_communication_share"):
+                share = figures["hidden_communication_share"]
+                print(f"{model}: communication hidden by overlap = {share['median']:.2f} "
+                      f"(min {share['min']:.2f}, max {share['max']:.2f})")
         print(f"wrote {path}", flush=True)
 
 
