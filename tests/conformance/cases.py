@@ -171,4 +171,30 @@ def case_sync_batchnorm(folder, strategy):
     return fit_summary(trainer, model, record)
 
 
+def case_trainer_settings(folder, strategy):
+    """What the Trainer is told about the job must be the job: ``devices`` / ``num_nodes`` that disagree are
+    one line on every rank (and the ranks stay in step for the next fit); ``devices`` equal to the job's
+    processes on this host trains; ``fault_tolerance="ulfm"`` in a job started without ULFM says it is off."""
+    import warnings
+
+    from lightning_xd.errors import UserError
+
+    refused = {}
+    for name, settings in {"devices=3": {"devices": 3}, "num_nodes=2": {"num_nodes": 2}}.items():
+        try:
+            trainer_for(folder / name, strategy, max_epochs=1, **settings).fit(BoringModel(), boring_loader())
+            refused[name] = None
+        except UserError as err:
+            refused[name] = str(err)
+    matching = trainer_for(folder / "devices=2", strategy, max_epochs=1, devices=2)
+    matching.fit(BoringModel(), boring_loader())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ulfm = Trainer(strategy=STRATEGIES.build(strategy, {"fault_tolerance": "ulfm"}),
+                       default_root_dir=str(folder / "ulfm"), max_epochs=1, **QUIET)
+        ulfm.fit(BoringModel(), boring_loader())
+    return {"refused": refused, "matching_steps": matching.global_step, "ulfm_steps": ulfm.global_step,
+            "warnings": [str(w.message) for w in caught]}
+
+
 CASES = {name[len("case_"):]: f for name, f in dict(globals()).items() if name.startswith("case_")}

@@ -17,7 +17,7 @@ MPI_RUNS = ["boring_fit/mpi", "boring_fit/mpi_by_name", "boring_manual/mpi", "st
             "drop_last/mpi", "unused/mpi", "unused/mpi_find_unused_parameters_true", "unfreeze/mpi", "gan_toggled/mpi",
             "gan_untoggled/mpi", "gan_untoggled/mpi_find_unused_parameters_true", "transformer/mpi",
             "transformer_bf16/mpi", "classifier/mpi", "checkpoint_early_stopping/mpi", "resume/mpi",
-            "sync_batchnorm/mpi"]
+            "sync_batchnorm/mpi", "trainer_settings/mpi"]
 # after every mpi run: DDP's gloo group, once set up, stays until the job ends
 DDP_RUNS = ["boring_fit/ddp", "boring_manual/ddp", "step_schedule/ddp", "accumulate_clip/ddp", "drop_last/ddp",
             "unused/ddp_find_unused", "gan_toggled/ddp_find_unused", "gan_untoggled/ddp_find_unused", "transformer/ddp",
@@ -78,6 +78,22 @@ def test_trainer_strategy_mpi_by_name(job):
     assert {r["strategy_class"] for r in by_name} == {"MPIAllReduceStrategy"}
     for rank, (got, want) in enumerate(zip(by_name, built)):
         assert_states_equal(got["state"], want["state"], f"rank {rank}", atol=0)
+
+
+def test_devices_and_num_nodes_that_disagree_with_the_job_are_one_line_errors(job):
+    ranks = job.ok("trainer_settings", "mpi")
+    for name, fix in (("devices=3", "pass devices=2"), ("num_nodes=2", "pass num_nodes=1")):
+        message = ranks[0]["refused"][name]
+        assert message is not None and "\n" not in message and name in message and fix in message, message
+        assert all(r["refused"][name] == message for r in ranks), f"{name}: ranks disagree"
+    assert [r["matching_steps"] for r in ranks] == [8, 8], "devices=2, the job's processes, trains"
+
+
+def test_fault_tolerance_ulfm_in_a_job_without_it_trains_and_says_it_is_off(job):
+    ranks = job.ok("trainer_settings", "mpi")
+    assert [r["ulfm_steps"] for r in ranks] == [8, 8]
+    assert any("fault_tolerance='ulfm' is off" in w and "--with-ft ulfm" in w for w in ranks[0]["warnings"]), \
+        ranks[0]["warnings"]
 
 
 def test_manual_optimization_equals_ddp(job):
