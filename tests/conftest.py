@@ -88,6 +88,31 @@ def run_mpi(n: int, script: str, *args: str, cwd: Path, timeout: float = 180, mp
     return proc
 
 
+def run_mpi_job(script: Path, ranks: int, out: Path, args: list[str], timeout: float) -> str:
+    """Run ``python -m mpi4py SCRIPT OUT ARGS...`` on ``ranks`` ranks (oversubscribed beyond the cores) for a
+    job whose cases save their own results under ``out``; returns how it ended and the end of its output.
+    A job that fails or runs over ``timeout`` is not an error here: the cases it finished still count."""
+    from lightning_xd.launcher import mpirun_command, mpirun_environment
+
+    cmd = mpirun_command(ranks, [str(script), str(out), *args])
+    if ranks > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
+        cmd.insert(1, "--oversubscribe")
+    proc = subprocess.Popen(cmd, cwd=out, env={**mpirun_environment(), **_env(out)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        ending = f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # mpirun ends its processes
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        ending = f"timed out after {timeout} s"
+    return f"job {ending}\n{output[-6000:]}"
+
+
 @pytest.fixture
 def mpirun(tmp_path):
     """Run ``python -m mpi4py SCRIPT ARGS`` on ``n`` ranks; fails the test on a non-zero exit."""

@@ -9,15 +9,13 @@ test, predict), LR schedules, accumulation over two workers, and a worker that s
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, _env
+from conftest import REPO, run_mpi_job
 from mpi_scripts.train_async_features import EPOCHS, reference_run
 
 ONE_WORKER_CASES = ["accumulate", "clip", "amp16", "bf16"]  # accumulate first: it finishes even on the old code
@@ -28,26 +26,8 @@ BORING_SAMPLES = 64  # BoringModel's RandomDataset(32, 64), batches of 1
 
 def _job(tmp_path_factory, n: int, cases: list[str], timeout: float) -> tuple[Path, str]:
     """Run the cases on ``n`` ranks; the results of the cases that finished, and the job's output."""
-    from lightning_xd.launcher import mpirun_command, mpirun_environment
-
     out = tmp_path_factory.mktemp(f"async_features_{n}_ranks")
-    cmd = mpirun_command(n, [str(REPO / "tests" / "mpi_scripts" / "train_async_features.py"), str(out), *cases])
-    if n > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
-        cmd.insert(1, "--oversubscribe")
-    proc = subprocess.Popen(cmd, cwd=out, env={**mpirun_environment(), **_env(out)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-        ending = f"exit code {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # mpirun ends its processes
-        try:
-            output, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        ending = f"timed out after {timeout} s"
-    return out, f"job {ending}\n{output[-6000:]}"
+    return out, run_mpi_job(REPO / "tests" / "mpi_scripts" / "train_async_features.py", n, out, cases, timeout)
 
 
 @pytest.fixture(scope="module")

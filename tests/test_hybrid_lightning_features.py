@@ -9,8 +9,6 @@ with ModelCheckpoint / EarlyStopping and resuming from a checkpoint, and one-lin
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DistributedSampler
 
-from conftest import REPO, _env
+from conftest import REPO, run_mpi_job
 from lightning_xd.microbatch import split_batch
 from mpi_scripts.train_hybrid_features import CLIP, INIT_SCALE, MICROBATCHES, POISON_STEP, STAGES
 from tiny_models import TinyData, TinyPipelined
@@ -33,26 +31,9 @@ CASES = ["main", "clip", "bf16", "amp16", "resume", "memory", "refusals"]
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> tuple[Path, str]:
     """Run every case in one job; the results of the cases that finished, and the job's output."""
-    from lightning_xd.launcher import mpirun_command, mpirun_environment
-
     out = tmp_path_factory.mktemp("hybrid_features")
-    cmd = mpirun_command(RANKS, [str(REPO / "tests" / "mpi_scripts" / "train_hybrid_features.py"), str(out), *CASES])
-    if RANKS > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
-        cmd.insert(1, "--oversubscribe")
-    proc = subprocess.Popen(cmd, cwd=out, env={**mpirun_environment(), **_env(out)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=JOB_TIMEOUT)
-        ending = f"exit code {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # mpirun ends its processes
-        try:
-            output, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        ending = f"timed out after {JOB_TIMEOUT} s"
-    return out, f"job {ending}\n{output[-6000:]}"
+    script = REPO / "tests" / "mpi_scripts" / "train_hybrid_features.py"
+    return out, run_mpi_job(script, RANKS, out, CASES, JOB_TIMEOUT)
 
 
 def results(job, case: str) -> list[dict]:

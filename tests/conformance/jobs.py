@@ -1,14 +1,12 @@
 """On the pytest side: start one conformance job under mpirun, and read what its cases saved."""
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import _env
+from conftest import run_mpi_job
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,23 +39,5 @@ class Job:
 def launch(tmp_path_factory, script: str, ranks: int, names: list[str], timeout: float) -> Job:
     """Run ``python -m mpi4py tests/conformance/SCRIPT OUT NAME...`` on ``ranks`` ranks; a job that fails or
     runs over ``timeout`` still leaves the results of the cases it finished."""
-    from lightning_xd.launcher import mpirun_command, mpirun_environment
-
     out = tmp_path_factory.mktemp(Path(script).stem)
-    cmd = mpirun_command(ranks, [str(HERE / script), str(out), *names])
-    if ranks > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
-        cmd.insert(1, "--oversubscribe")
-    proc = subprocess.Popen(cmd, cwd=out, env={**mpirun_environment(), **_env(out)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-        ending = f"exit code {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # mpirun ends its processes
-        try:
-            output, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        ending = f"timed out after {timeout} s"
-    return Job(out, ranks, f"job {ending}\n{output[-6000:]}")
+    return Job(out, ranks, run_mpi_job(HERE / script, ranks, out, names, timeout))
