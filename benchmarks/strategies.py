@@ -47,11 +47,11 @@ STRATEGIES_COMPARED = ("single", "ddp", "mpi", "mpi_no_overlap", "async", "hybri
 SPLIT = {"single": "local", "ddp": "switch", "mpi": "switch", "mpi_no_overlap": "switch", "async": "optimizer_step",
          "hybrid": "bubble"}
 VARIANTS = {"mpi_no_overlap": ("mpi", {"overlap": False})}  # name -> (strategy, its settings)
+PARTS = ("compute_s", "communication_s", "idle_s")
 
 
 def strategy_of(name: str) -> tuple[str, dict]:
     return VARIANTS.get(name, (name, {}))
-PARTS = ("compute_s", "communication_s", "idle_s")
 
 
 def parse_args(argv=None):

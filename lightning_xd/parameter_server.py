@@ -305,18 +305,20 @@ class ParameterServer:
         return Gradient(worker, version, optimizer, loss, dense, present, sparse, buffers, counters)
 
     # ---- applying ----------------------------------------------------------------------------
-    def _leave(self, worker: int) -> None:
-        """``worker`` stopped on its own: forget its computation in flight and stop the run as one."""
+    def _forget(self, worker: int) -> None:
+        """``worker`` sends nothing more: drop its computation in flight, if any."""
         self.pulled.pop(worker, None)
         self.sent_state.pop(worker, None)
         self.stopped.add(worker)
+
+    def _leave(self, worker: int) -> None:
+        """``worker`` stopped on its own: forget its computation in flight and stop the run as one."""
+        self._forget(worker)
         self.limit = min(self.limit, self.steps + len(self.pulled))  # what is in flight, then nothing more
 
     def _finish(self, worker: int, epochs: int) -> None:
         """``worker`` did its epochs: it has nothing in flight; the others go on."""
-        self.pulled.pop(worker, None)
-        self.sent_state.pop(worker, None)
-        self.stopped.add(worker)
+        self._forget(worker)
         self.epochs_finished = max(self.epochs_finished, epochs)
 
     @torch.no_grad()

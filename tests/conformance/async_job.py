@@ -16,9 +16,8 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from conformance.cases import CASES, case_classifier, trainer_for
-from conformance.harness import run
+from conformance.harness import run, user_error_of
 from conformance.models import ClassifierData, MetricClassifier
-from lightning_xd.errors import UserError
 
 
 class PlateauClassifier(MetricClassifier):
@@ -40,15 +39,9 @@ def case_refusals(folder, strategy):
                                                    "enable_checkpointing": True}),
             "ReduceLROnPlateau": (PlateauClassifier, {}),
             "val_check_interval": (MetricClassifier, {"val_check_interval": 0.5})}
-    messages = {}
-    for name, (model_class, settings) in fits.items():
-        trainer = trainer_for(folder / name, strategy, max_epochs=1, **settings)
-        try:
-            trainer.fit(model_class(), ClassifierData())
-            messages[name] = None
-        except UserError as err:
-            messages[name] = str(err)
-    return {"messages": messages}
+    return {"messages": {name: user_error_of(lambda: trainer_for(folder / name, strategy, max_epochs=1, **settings)
+                                             .fit(model_class(), ClassifierData()))
+                         for name, (model_class, settings) in fits.items()}}
 
 
 def case_straggler(folder, strategy):

@@ -15,7 +15,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel, ManualOptimBorin
 
 import lightning_xd  # noqa: F401  (registers our names with Lightning's StrategyRegistry)
 import strategies  # noqa: F401  (registers the names of our own registry)
-from conformance.harness import QUIET, fit_summary, run, state_of
+from conformance.harness import QUIET, fit_summary, state_of, user_error_of
 from conformance.models import (BoringStepSchedule, BoringWithBackbone, BoringWithUnused, ClassifierData,
                                 MetricClassifier, RecordTraining, SeedAtFirstBatch, TwoOptimizerGAN,
                                 backbone_finetuning, boring_loader, token_data, transformer)
@@ -177,15 +177,9 @@ def case_trainer_settings(folder, strategy):
     processes on this host trains; ``fault_tolerance="ulfm"`` in a job started without ULFM says it is off."""
     import warnings
 
-    from lightning_xd.errors import UserError
-
-    refused = {}
-    for name, settings in {"devices=3": {"devices": 3}, "num_nodes=2": {"num_nodes": 2}}.items():
-        try:
-            trainer_for(folder / name, strategy, max_epochs=1, **settings).fit(BoringModel(), boring_loader())
-            refused[name] = None
-        except UserError as err:
-            refused[name] = str(err)
+    refused = {name: user_error_of(lambda: trainer_for(folder / name, strategy, max_epochs=1, **settings)
+                                   .fit(BoringModel(), boring_loader()))
+               for name, settings in {"devices=3": {"devices": 3}, "num_nodes=2": {"num_nodes": 2}}.items()}
     matching = trainer_for(folder / "devices=2", strategy, max_epochs=1, devices=2)
     matching.fit(BoringModel(), boring_loader())
     with warnings.catch_warnings(record=True) as caught:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import Trainer
@@ -36,6 +36,17 @@ def fit_summary(trainer: Trainer, model: torch.nn.Module, record: Any = None) ->
         summary.update(batches=record.batches, lr_per_batch=record.lrs, grad_norms=record.grad_norms,
                        epoch_metrics=record.epoch_metrics)
     return summary
+
+
+def user_error_of(fit: Callable[[], Any]) -> Optional[str]:
+    """The one-line error ``fit()`` ended in (``UserError``), or None when it ran through."""
+    from lightning_xd.errors import UserError
+
+    try:
+        fit()
+    except UserError as err:
+        return str(err)
+    return None
 
 
 def run(out: Path, cases: dict[str, Callable[[Path, str], dict]], names: list[str]) -> None:

@@ -18,10 +18,9 @@ from torch.utils.data import DataLoader
 import lightning_xd  # noqa: F401  (registers our names with Lightning's StrategyRegistry)
 import strategies  # noqa: F401
 from conformance.cases import trainer_for
-from conformance.harness import QUIET, run
+from conformance.harness import QUIET, run, user_error_of
 from conformance.models import (ClassifierData, MetricClassifier, PipelinedClassifier, boring_loader, token_data,
                                 transformer)
-from lightning_xd.errors import UserError
 from lightning_xd.registry import STRATEGIES
 
 
@@ -29,15 +28,9 @@ def case_refusals(folder, strategy):
     fits = {"BoringModel": (BoringModel, boring_loader),
             "LightningTransformer": (transformer, lambda: DataLoader(token_data(), batch_size=4)),
             "MetricClassifier": (MetricClassifier, ClassifierData)}
-    messages = {}
-    for name, (make_model, make_data) in fits.items():
-        trainer = trainer_for(folder / name, strategy, max_epochs=1)
-        try:
-            trainer.fit(make_model(), make_data())
-            messages[name] = None
-        except UserError as err:
-            messages[name] = str(err)
-    return {"messages": messages}
+    return {"messages": {name: user_error_of(lambda: trainer_for(folder / name, strategy, max_epochs=1)
+                                             .fit(make_model(), make_data()))
+                         for name, (make_model, make_data) in fits.items()}}
 
 
 def case_pipelined(folder, strategy):

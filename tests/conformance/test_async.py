@@ -14,7 +14,8 @@ import torch
 
 from conformance.jobs import launch
 from conformance.references import one_worker
-from conformance.test_mpi import assert_equal_to, assert_states_equal, one_line_error
+from conformance.test_mpi import (assert_equal_to, assert_logged_metrics_are_global, assert_states_equal,
+                                  one_line_error, refused_alike)
 
 ONE_WORKER = ["boring_fit", "step_schedule", "accumulate_clip", "drop_last", "unused", "gan_toggled",
               "classifier", "transformer", "transformer_bf16"]
@@ -102,25 +103,14 @@ def test_workers_train_their_own_shards_and_every_rank_evaluates_its_share(two_w
 
 @pytest.mark.parametrize("stage", ["val", "test"])
 def test_evaluation_metrics_equal_their_global_values(two_worker_job, stage):
-    from conformance.models import ClassifierData, MetricClassifier, global_metrics
-
     for case in ("classifier", "straggler"):
-        ranks = two_worker_job.ok(case, "async")
-        model = MetricClassifier()
-        model.load_state_dict(ranks[0]["state"])
-        want = global_metrics(model.eval(), ClassifierData().sets[stage])
-        for rank, result in enumerate(ranks):
-            logged = result["validated" if stage == "val" else "tested"]
-            for name, value in want.items():
-                assert logged[f"{stage}_{name}"] == pytest.approx(value, abs=1e-5), f"{case}: rank {rank}"
+        assert_logged_metrics_are_global(two_worker_job.ok(case, "async"), stage, f"{case}: ")
 
 
 def test_what_needs_validation_during_training_is_refused_in_one_line_on_every_rank(two_worker_job):
     ranks = two_worker_job.ok("refusals", "async")
-    for name, message in ranks[0]["messages"].items():
-        assert message is not None, f"{name} was not refused"
-        assert "\n" not in message and "async" in message, message
-        assert all(r["messages"][name] == message for r in ranks), f"{name}: ranks disagree"
+    for name in ranks[0]["messages"]:
+        assert "async" in refused_alike(ranks, "messages", name)
 
 
 @pytest.mark.parametrize("case, names", [("sync_batchnorm", "sync_batchnorm=True"),

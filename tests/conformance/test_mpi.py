@@ -66,6 +66,27 @@ def one_line_error(ranks: list[dict]) -> str:
     return errors[0]
 
 
+def refused_alike(ranks: list[dict], key: str, name: str) -> str:
+    """The one-line error every rank saved under ``ranks[r][key][name]``: the same on all of them."""
+    message = ranks[0][key][name]
+    assert message is not None, f"{name} ran through; a one-line error was expected"
+    assert "\n" not in message, message
+    assert all(r[key][name] == message for r in ranks), f"{name}: ranks disagree"
+    return message
+
+
+def assert_logged_metrics_are_global(ranks: list[dict], stage: str, who: str = "") -> None:
+    """Every rank's ``validate`` / ``test`` metrics equal the classifier's (rank 0's final state) on the
+    whole evaluation set, computed in one process."""
+    from conformance.models import ClassifierData, global_metrics
+
+    want = global_metrics(classifier_with(ranks[0]["state"]), ClassifierData().sets[stage])
+    for rank, result in enumerate(ranks):
+        logged = result["validated" if stage == "val" else "tested"]
+        for name, value in want.items():
+            assert logged[f"{stage}_{name}"] == pytest.approx(value, abs=1e-5), f"{who}rank {rank}: {stage}_{name}"
+
+
 # ---- plain fit, by name, manual optimization ---------------------------------------------------------------
 def test_boring_model_fit_equals_ddp(job):
     ranks = assert_like_ddp(job, "boring_fit")
@@ -83,9 +104,8 @@ def test_trainer_strategy_mpi_by_name(job):
 def test_devices_and_num_nodes_that_disagree_with_the_job_are_one_line_errors(job):
     ranks = job.ok("trainer_settings", "mpi")
     for name, fix in (("devices=3", "pass devices=2"), ("num_nodes=2", "pass num_nodes=1")):
-        message = ranks[0]["refused"][name]
-        assert message is not None and "\n" not in message and name in message and fix in message, message
-        assert all(r["refused"][name] == message for r in ranks), f"{name}: ranks disagree"
+        message = refused_alike(ranks, "refused", name)
+        assert name in message and fix in message, message
     assert [r["matching_steps"] for r in ranks] == [8, 8], "devices=2, the job's processes, trains"
 
 
@@ -200,14 +220,7 @@ def classifier_with(state: dict):
 
 @pytest.mark.parametrize("stage", ["val", "test"])
 def test_sync_dist_logs_and_torchmetrics_equal_their_global_values(job, stage):
-    from conformance.models import ClassifierData, global_metrics
-
-    ranks = job.ok("classifier", "mpi")
-    want = global_metrics(classifier_with(ranks[0]["state"]), ClassifierData().sets[stage])
-    for rank, result in enumerate(ranks):
-        logged = result["validated" if stage == "val" else "tested"]
-        for name, value in want.items():
-            assert logged[f"{stage}_{name}"] == pytest.approx(value, abs=1e-5), f"rank {rank}: {stage}_{name}"
+    assert_logged_metrics_are_global(job.ok("classifier", "mpi"), stage)
 
 
 def test_validate_test_and_predict_see_every_sample_once(job):
