@@ -6,7 +6,7 @@ NPROCS ?= 2
 # the real datasets: $XD_DATA_DIR, else ../shared/data beside the clone, else ./data
 export XD_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),./data)
 
-.PHONY: setup train test clean
+.PHONY: setup train lint test clean
 setup: $(VENV)/.installed
 
 # torch goes first and pinned: an unpinned torch pulls gigabytes of CUDA packages.
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 
 train: setup
 	$(PY) train.py --model gcn --strategy mpi --nprocs $(NPROCS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: setup
 	$(PY) -m pytest -q tests

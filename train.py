@@ -3,25 +3,26 @@
     python train.py --model gcn --strategy mpi --nprocs 2
 
 With ``--nprocs N`` > 1 (or ``--max-restarts R`` > 0) this command re-runs itself under mpirun
-and watches the job (``lightning_xd.supervisor``); inside the job it trains.
+and watches the job (``lightning_xd.fault_tolerance.supervisor``); inside the job it trains.
 """
+
 import os
 import sys
 
-from lightning_xd import cli, runner
 from lightning_xd.errors import UserError
-from lightning_xd.launcher import in_mpi_job
-from lightning_xd.registry import STRATEGIES
-from lightning_xd.supervisor import Supervisor
+from lightning_xd.fault_tolerance.supervisor import Supervisor
+from lightning_xd.launch import cli, runner
+from lightning_xd.launch.launcher import in_mpi_job
+from lightning_xd.launch.registry import STRATEGIES
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = cli.parse_args(argv)
-        import datamodules  # noqa: F401  (registers the names)
-        import models  # noqa: F401
-        import strategies  # noqa: F401
+        import lightning_xd.datamodules  # noqa: F401  (registers the names)
+        import lightning_xd.models  # noqa: F401
+        import lightning_xd.strategies  # noqa: F401
 
         if args.list:
             print(cli.registered_names())
@@ -29,10 +30,22 @@ def main(argv=None) -> int:
         starts_processes = not in_mpi_job() and os.environ.get("XD_SUPERVISED") != "1"
         if starts_processes and (args.nprocs > 1 or args.max_restarts > 0):
             settings = runner.check(args)
-            ulfm = (args.fault_tolerance == "ulfm" and args.nprocs > 1
-                    and STRATEGIES.get(args.strategy).defaults.get("ulfm", False))
-            return Supervisor(__file__, argv, settings["run_dir"], args.nprocs, args.hostfile, args.launch_agent,
-                              args.max_restarts, args.min_nprocs, ulfm).run()
+            ulfm = (
+                args.fault_tolerance == "ulfm"
+                and args.nprocs > 1
+                and STRATEGIES.get(args.strategy).defaults.get("ulfm", False)
+            )
+            return Supervisor(
+                __file__,
+                argv,
+                settings["run_dir"],
+                args.nprocs,
+                args.hostfile,
+                args.launch_agent,
+                args.max_restarts,
+                args.min_nprocs,
+                ulfm,
+            ).run()
         runner.run(args)
         return 0
     except UserError as err:

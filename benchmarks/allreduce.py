@@ -8,6 +8,7 @@ the physical limit of shared-memory transport. Every figure is the median of ``-
 runs (min and max kept); ratios are taken within the run. Sizes run from 4 KiB to 64 MiB
 (``--quick``: 4 KiB, 64 KiB, 1 MiB and 64 MiB, 3 repeats); 1 MB here means 2^20 bytes.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,7 @@ BACKENDS = ("raw_mpi", "comm_layer", "gloo")
 
 
 def parse_args(argv=None):
-    args = common.parse(common.parser(__doc__.splitlines()[0], nprocs=2, data=False, repeats=7, quick_repeats=3),
-                        argv)
+    args = common.parse(common.parser(__doc__.splitlines()[0], nprocs=2, data=False, repeats=7, quick_repeats=3), argv)
     args.sizes = QUICK_SIZES if args.quick else SIZES
     return args
 
@@ -66,15 +66,19 @@ def memcpy_bandwidth(nbytes: int, repeats: int) -> dict:
 
 def bandwidth(nbytes: float, seconds: dict) -> dict:
     """Bytes per second of each timing: the fastest time is the highest bandwidth."""
-    return {"median": nbytes / seconds["median"], "min": nbytes / seconds["max"], "max": nbytes / seconds["min"],
-            "samples": [nbytes / s for s in seconds["samples"]]}
+    return {
+        "median": nbytes / seconds["median"],
+        "min": nbytes / seconds["max"],
+        "max": nbytes / seconds["min"],
+        "samples": [nbytes / s for s in seconds["samples"]],
+    }
 
 
 def gloo_group(comm):
     """torch.distributed over gloo on the job's processes (the one already there, if any)."""
     import torch.distributed as dist
 
-    from lightning_xd.environment import MPIEnvironment
+    from lightning_xd.comm.environment import MPIEnvironment
 
     if not dist.is_initialized():
         env = MPIEnvironment(comm)
@@ -90,23 +94,26 @@ def measure_size(comm, dist, nbytes: int, repeats: int) -> dict:
 
     count = nbytes // 4
     raw, ours, gloo = np.ones(count, np.float32), torch.ones(count), torch.ones(count)
-    operations = {"raw_mpi": lambda: comm.mpi.Allreduce(MPI.IN_PLACE, raw, MPI.SUM),
-                  "comm_layer": lambda: comm.allreduce(ours, "sum"),
-                  "gloo": lambda: dist.all_reduce(gloo)}
+    operations = {
+        "raw_mpi": lambda: comm.mpi.Allreduce(MPI.IN_PLACE, raw, MPI.SUM),
+        "comm_layer": lambda: comm.allreduce(ours, "sum"),
+        "gloo": lambda: dist.all_reduce(gloo),
+    }
     bus_bytes = 2 * (comm.size - 1) / comm.size * nbytes
     row = {"bytes": nbytes}
     for name in BACKENDS:
         seconds = timed(operations[name], repeats, comm)
         row[name] = {"seconds": seconds, "busbw": bandwidth(bus_bytes, seconds)}
-    row["comm_over_raw_mpi_busbw"] = common.ratio_stats(row["comm_layer"]["busbw"]["samples"],
-                                                        row["raw_mpi"]["busbw"]["samples"])
+    row["comm_over_raw_mpi_busbw"] = common.ratio_stats(
+        row["comm_layer"]["busbw"]["samples"], row["raw_mpi"]["busbw"]["samples"]
+    )
     return row
 
 
 def run(args) -> None:
     import torch
 
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     comm = world()
     common.check_world(comm, args.nprocs, "allreduce")
@@ -117,8 +124,11 @@ def run(args) -> None:
         for nbytes in args.sizes:
             rows.append(measure_size(comm, dist, nbytes, args.repeats))
             if comm.rank == 0:
-                print(f"{nbytes / 1024:>8.0f} KiB  " + "  ".join(
-                    f"{name} {rows[-1][name]['busbw']['median'] / 1e9:6.2f} GB/s" for name in BACKENDS), flush=True)
+                print(
+                    f"{nbytes / 1024:>8.0f} KiB  "
+                    + "  ".join(f"{name} {rows[-1][name]['busbw']['median'] / 1e9:6.2f} GB/s" for name in BACKENDS),
+                    flush=True,
+                )
     if comm.rank == 0:
         write(rows, memcpy_bandwidth(args.sizes[-1], args.repeats), comm.size, args)
 
@@ -126,12 +136,20 @@ def run(args) -> None:
 def write(rows: list[dict], memcpy: dict, ranks: int, args) -> None:
     largest = rows[-1]
     from_1mb = [r["comm_over_raw_mpi_busbw"]["median"] for r in rows if r["bytes"] >= 1 << 20]
-    result = {"machine": common.machine(), "ranks": ranks, "repeats": args.repeats, "quick": args.quick, "rows": rows,
-              "memcpy_bytes_per_s": memcpy, "memcpy_bytes": largest["bytes"],
-              "comm_over_raw_mpi_busbw": {str(r["bytes"]): r["comm_over_raw_mpi_busbw"]["median"] for r in rows},
-              "raw_mpi_busbw_over_memcpy_largest": common.ratio_stats(largest["raw_mpi"]["busbw"]["samples"],
-                                                                      memcpy["samples"]),
-              "comm_layer_at_least_90pct_of_raw_mpi_from_1MB": bool(from_1mb) and min(from_1mb) >= 0.9}
+    result = {
+        "machine": common.machine(),
+        "ranks": ranks,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "rows": rows,
+        "memcpy_bytes_per_s": memcpy,
+        "memcpy_bytes": largest["bytes"],
+        "comm_over_raw_mpi_busbw": {str(r["bytes"]): r["comm_over_raw_mpi_busbw"]["median"] for r in rows},
+        "raw_mpi_busbw_over_memcpy_largest": common.ratio_stats(
+            largest["raw_mpi"]["busbw"]["samples"], memcpy["samples"]
+        ),
+        "comm_layer_at_least_90pct_of_raw_mpi_from_1MB": bool(from_1mb) and min(from_1mb) >= 0.9,
+    }
     path = common.write_results(args.results_dir, common.result_name(f"allreduce-{ranks}ranks", args.quick), result)
     plot(result, path.with_suffix(".png"))
     print(f"memcpy {memcpy['median'] / 1e9:.2f} GB/s; wrote {path}", flush=True)
@@ -150,8 +168,15 @@ def plot(result: dict, path: Path) -> Path:
     series = {name: (xs, [gigabytes(r[name]["busbw"]) for r in result["rows"]]) for name in BACKENDS}
     limit = {"memcpy (limit)": (xs, [result["memcpy_bytes_per_s"]["median"] / 1e9] * len(xs))}
     image = plots.canvas(1, 1)
-    plots.range_lines(image, plots.panel(0, 0), series, f"allreduce bus bandwidth, {result['ranks']} ranks",
-                      "message size, log2(KiB)", "GB/s", limit)
+    plots.range_lines(
+        image,
+        plots.panel(0, 0),
+        series,
+        f"allreduce bus bandwidth, {result['ranks']} ranks",
+        "message size, log2(KiB)",
+        "GB/s",
+        limit,
+    )
     return plots.save(image, path, common.machine_line(result["machine"]))
 
 

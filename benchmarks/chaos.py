@@ -21,6 +21,7 @@ wall time per trial and checkpoint overhead (see ``chaos_measure`` for the defin
 ``benchmarks/results/chaos[-quick].json`` and a table. ``--quick`` is one trial per mode on tiny
 generated ECG data: it checks the script, not the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,6 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 if __name__ == "__main__":  # the repository first: benchmarks/strategies.py must not shadow the strategies package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -52,27 +52,45 @@ QUICK_FLAGS = ["--max-epochs", "3", "--batch-size", "2"]  # tiny data: a dozen s
 RESTARTS = ["--fault-tolerance", "none", "--max-restarts", "2"]
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--trials", type=int, help="trials per mode (default 20; --quick: 1)")
-    p.add_argument("--modes", nargs="+", default=["ulfm", "supervisor"], choices=MODES,
-                   help="recovery paths to try (default: ulfm supervisor)")
-    p.add_argument("--nprocs", type=int, default=3, help="processes of every job, emulated hosts of --modes hosts "
-                                                         "(default 3)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["ulfm", "supervisor"],
+        choices=MODES,
+        help="recovery paths to try (default: ulfm supervisor)",
+    )
+    p.add_argument(
+        "--nprocs", type=int, default=3, help="processes of every job, emulated hosts of --modes hosts (default 3)"
+    )
     p.add_argument("--seed", type=int, default=0, help="draws the ranks, hosts and steps killed (default 0)")
-    p.add_argument("--ckpt-every-steps", type=int,
-                   help="checkpoint interval of every job, which the supervisor resumes from (default 40: "
-                        "within the 5%% overhead budget on the ECG example; --quick: 2)")
-    p.add_argument("--collective-timeout", type=float, default=60.0,
-                   help="train.py's watchdog: a collective that waits longer ends the job (default 60 s)")
+    p.add_argument(
+        "--ckpt-every-steps",
+        type=int,
+        help="checkpoint interval of every job, which the supervisor resumes from (default 40: "
+        "within the 5%% overhead budget on the ECG example; --quick: 2)",
+    )
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=60.0,
+        help="train.py's watchdog: a collective that waits longer ends the job (default 60 s)",
+    )
     p.add_argument("--trial-timeout", type=float, help="seconds one job may take in all (default 900; --quick: 300)")
-    p.add_argument("--data-dir", help="datasets, laid out as ../shared/data; default: train.py's ($XD_DATA_DIR, "
-                                      "else ./data), or with --quick tiny generated ECG data")
+    p.add_argument(
+        "--data-dir",
+        help="datasets, laid out as ../shared/data; default: train.py's ($XD_DATA_DIR, "
+        "else ./data), or with --quick tiny generated ECG data",
+    )
     p.add_argument("--cache-dir", help="preprocessed data; default: train.py's ($XD_CACHE_DIR ...)")
-    p.add_argument("--work-dir", help="where runs and logs go (kept); default: a temporary dir, removed "
-                                      "unless a trial failed")
-    p.add_argument("--results-dir", default=str(common.RESULTS),
-                   help="where chaos[-quick].json goes (default benchmarks/results)")
+    p.add_argument(
+        "--work-dir", help="where runs and logs go (kept); default: a temporary dir, removed unless a trial failed"
+    )
+    p.add_argument(
+        "--results-dir", default=str(common.RESULTS), help="where chaos[-quick].json goes (default benchmarks/results)"
+    )
     p.add_argument("--quick", action="store_true", help="1 trial per mode on tiny generated data")
     args = p.parse_args(argv)
     for name, value in (QUICK if args.quick else DEFAULTS).items():
@@ -104,10 +122,22 @@ def generated_data(folder: Path) -> Path:
     return folder
 
 
-def job_flags(args: argparse.Namespace, data_dir: Optional[Path]) -> list[str]:
+def job_flags(args: argparse.Namespace, data_dir: Path | None) -> list[str]:
     """The ECG example's command, with the checkpoint interval and watchdog of the benchmark."""
-    flags = ["--model", "autoencoder", "--data", "ecg", "--strategy", "mpi", "--nprocs", str(args.nprocs),
-             "--ckpt-every-steps", str(args.ckpt_every_steps), "--collective-timeout", str(args.collective_timeout)]
+    flags = [
+        "--model",
+        "autoencoder",
+        "--data",
+        "ecg",
+        "--strategy",
+        "mpi",
+        "--nprocs",
+        str(args.nprocs),
+        "--ckpt-every-steps",
+        str(args.ckpt_every_steps),
+        "--collective-timeout",
+        str(args.collective_timeout),
+    ]
     if data_dir is not None:
         flags += ["--data-dir", str(data_dir)]
     if args.cache_dir:
@@ -118,8 +148,11 @@ def job_flags(args: argparse.Namespace, data_dir: Optional[Path]) -> list[str]:
 def draw_trials(args: argparse.Namespace, total_steps: int) -> list[Trial]:
     """Every trial's target and step, drawn up front from ``--seed`` (so a run can be repeated)."""
     rng = random.Random(args.seed)
-    return [Trial(mode, i, rng.randrange(args.nprocs), rng.randrange(total_steps))
-            for mode in args.modes for i in range(args.trials)]
+    return [
+        Trial(mode, i, rng.randrange(args.nprocs), rng.randrange(total_steps))
+        for mode in args.modes
+        for i in range(args.trials)
+    ]
 
 
 def run_trial(trial: Trial, flags: list[str], work: Path, args: argparse.Namespace) -> Job:
@@ -134,17 +167,27 @@ def run_trial(trial: Trial, flags: list[str], work: Path, args: argparse.Namespa
 
     with emulated_hosts(args.nprocs, run_dir.parent / f"{run_dir.name}-hosts") as hosts:
         argv = [*flags, *host_flags(hosts, args.nprocs), *RESTARTS]
-        return run_train(argv, run_dir, args.trial_timeout, env=hosts.mpi_environment(),
-                         watch=HostKiller(hosts, trial.target, trial.step))
+        return run_train(
+            argv,
+            run_dir,
+            args.trial_timeout,
+            env=hosts.mpi_environment(),
+            watch=HostKiller(hosts, trial.target, trial.step),
+        )
 
 
 def baseline_record(job: Job) -> dict:
     metrics = job.metrics()
-    return {"test_auroc": metrics.get("test/auroc"), "wall_time_s": job.wall_time_s,
-            "global_step": metrics.get("global_step"), "world_size": metrics.get("world_size"),
-            "step_time_s_mean": metrics.get("step_time_s_mean"), "train_time_s": metrics.get("train_time_s"),
-            "checkpoint_saves": metrics.get("checkpoint/saves"),
-            "checkpoint_overhead_pct": metrics.get("checkpoint/overhead_pct")}
+    return {
+        "test_auroc": metrics.get("test/auroc"),
+        "wall_time_s": job.wall_time_s,
+        "global_step": metrics.get("global_step"),
+        "world_size": metrics.get("world_size"),
+        "step_time_s_mean": metrics.get("step_time_s_mean"),
+        "train_time_s": metrics.get("train_time_s"),
+        "checkpoint_saves": metrics.get("checkpoint/saves"),
+        "checkpoint_overhead_pct": metrics.get("checkpoint/overhead_pct"),
+    }
 
 
 def trial_line(record: dict, trials: int) -> str:
@@ -153,11 +196,12 @@ def trial_line(record: dict, trials: int) -> str:
     if not record["recovered"]:
         return f"{head}: NOT recovered ({record['problem']}); log {record['log']}"
     ttr = record.get("time_to_recover_s")
-    return (f"{head}: recovered in {ttr:.2f} s" if ttr is not None else f"{head}: recovered") + \
-        f", {record['steps_redone']} step(s) redone, test AUC {record['test_auroc']:.3f}, {record['wall_time_s']:.0f} s"
+    return (
+        f"{head}: recovered in {ttr:.2f} s" if ttr is not None else f"{head}: recovered"
+    ) + f", {record['steps_redone']} step(s) redone, test AUC {record['test_auroc']:.3f}, {record['wall_time_s']:.0f} s"
 
 
-def _spread(stat: Optional[dict], digits: int = 2) -> str:
+def _spread(stat: dict | None, digits: int = 2) -> str:
     if not stat:
         return "-"
     return " / ".join(f"{stat[k]:.{digits}f}" for k in ("mean", "median", "min", "max"))
@@ -165,18 +209,22 @@ def _spread(stat: Optional[dict], digits: int = 2) -> str:
 
 def table(baseline: dict, summaries: dict[str, dict]) -> str:
     """The results as a Markdown table (ready for the example's README)."""
-    rows = ["| mode | recovered | time to recover, s (mean / median / min / max) | steps redone (mean / max) "
-            "| test AUC-ROC (mean / min) | wall s per trial | checkpoint overhead % |",
-            "|---|---|---|---|---|---|---|",
-            f"| undisturbed | - | - | - | {baseline['test_auroc']:.4f} | {baseline['wall_time_s']:.1f} "
-            f"| {baseline['checkpoint_overhead_pct']:.1f} |"]
+    rows = [
+        "| mode | recovered | time to recover, s (mean / median / min / max) | steps redone (mean / max) "
+        "| test AUC-ROC (mean / min) | wall s per trial | checkpoint overhead % |",
+        "|---|---|---|---|---|---|---|",
+        f"| undisturbed | - | - | - | {baseline['test_auroc']:.4f} | {baseline['wall_time_s']:.1f} "
+        f"| {baseline['checkpoint_overhead_pct']:.1f} |",
+    ]
     for mode, s in summaries.items():
         redone = f"{s['steps_redone']['mean']:.1f} / {s['steps_redone']['max']:.0f}" if s["steps_redone"] else "-"
         auroc = f"{s['test_auroc']['mean']:.4f} / {s['test_auroc']['min']:.4f}" if s["test_auroc"] else "-"
         wall = f"{s['wall_time_s']['mean']:.1f}" if s["wall_time_s"] else "-"
         overhead = f"{s['checkpoint_overhead_pct']['mean']:.1f}" if s["checkpoint_overhead_pct"] else "-"
-        rows.append(f"| {mode} | {s['recovered']}/{s['trials']} | {_spread(s['time_to_recover_s'])} | {redone} "
-                    f"| {auroc} | {wall} | {overhead} |")
+        rows.append(
+            f"| {mode} | {s['recovered']}/{s['trials']} | {_spread(s['time_to_recover_s'])} | {redone} "
+            f"| {auroc} | {wall} | {overhead} |"
+        )
     return "\n".join(rows)
 
 
@@ -195,21 +243,26 @@ NOTES = [
 def verdict(baseline: dict, summaries: dict[str, dict]) -> dict:
     """Issue 8's criteria: every trial recovered, AUC-ROC after recovery, checkpoint overhead."""
     lowest = [s["test_auroc"]["min"] for s in summaries.values() if s["test_auroc"]]
-    return {"all_recovered": all(s["recovered"] == s["trials"] for s in summaries.values()),
-            "lowest_auroc_after_recovery": min(lowest) if lowest else None,
-            "auroc_target": TARGET_AUROC, "auroc_reached": bool(lowest) and min(lowest) >= TARGET_AUROC,
-            "checkpoint_budget_pct": CHECKPOINT_BUDGET_PCT,
-            "checkpoint_overhead_pct": baseline["checkpoint_overhead_pct"],
-            "checkpoint_overhead_within_budget": baseline["checkpoint_overhead_pct"] <= CHECKPOINT_BUDGET_PCT}
+    return {
+        "all_recovered": all(s["recovered"] == s["trials"] for s in summaries.values()),
+        "lowest_auroc_after_recovery": min(lowest) if lowest else None,
+        "auroc_target": TARGET_AUROC,
+        "auroc_reached": bool(lowest) and min(lowest) >= TARGET_AUROC,
+        "checkpoint_budget_pct": CHECKPOINT_BUDGET_PCT,
+        "checkpoint_overhead_pct": baseline["checkpoint_overhead_pct"],
+        "checkpoint_overhead_within_budget": baseline["checkpoint_overhead_pct"] <= CHECKPOINT_BUDGET_PCT,
+    }
 
 
 def verdict_line(v: dict, quick: bool) -> str:
     lowest = v["lowest_auroc_after_recovery"]
-    parts = [f"every trial recovered: {'yes' if v['all_recovered'] else 'NO'}",
-             f"lowest test AUC-ROC after recovery {'-' if lowest is None else f'{lowest:.4f}'} (target "
-             f"{v['auroc_target']}: {'reached' if v['auroc_reached'] else 'NOT reached'})",
-             f"checkpoint overhead of the undisturbed run {v['checkpoint_overhead_pct']:.1f}% of step time (budget "
-             f"{v['checkpoint_budget_pct']:.0f}%: {'within' if v['checkpoint_overhead_within_budget'] else 'OVER'})"]
+    parts = [
+        f"every trial recovered: {'yes' if v['all_recovered'] else 'NO'}",
+        f"lowest test AUC-ROC after recovery {'-' if lowest is None else f'{lowest:.4f}'} (target "
+        f"{v['auroc_target']}: {'reached' if v['auroc_reached'] else 'NOT reached'})",
+        f"checkpoint overhead of the undisturbed run {v['checkpoint_overhead_pct']:.1f}% of step time (budget "
+        f"{v['checkpoint_budget_pct']:.0f}%: {'within' if v['checkpoint_overhead_within_budget'] else 'OVER'})",
+    ]
     prefix = "quick run (tiny data, a checkpoint every 2 steps: the criteria do not apply): " if quick else ""
     return prefix + "; ".join(parts)
 
@@ -230,22 +283,36 @@ def benchmark(args: argparse.Namespace, work: Path) -> bool:
     flags = job_flags(args, data_dir)
     base_job = run_train(flags, work / "baseline", args.trial_timeout)
     if not base_job.completed:
-        print(f"error: the undisturbed run did not finish (exit code {base_job.returncode}); see {base_job.log}",
-              file=sys.stderr)
+        print(
+            f"error: the undisturbed run did not finish (exit code {base_job.returncode}); see {base_job.log}",
+            file=sys.stderr,
+        )
         return False
     baseline = baseline_record(base_job)
-    print(f"undisturbed: {baseline['global_step']} steps, test AUC {baseline['test_auroc']:.4f}, "
-          f"{baseline['wall_time_s']:.1f} s, checkpoint overhead {baseline['checkpoint_overhead_pct']:.1f}% "
-          f"of step time", flush=True)
+    print(
+        f"undisturbed: {baseline['global_step']} steps, test AUC {baseline['test_auroc']:.4f}, "
+        f"{baseline['wall_time_s']:.1f} s, checkpoint overhead {baseline['checkpoint_overhead_pct']:.1f}% "
+        f"of step time",
+        flush=True,
+    )
     records = run_trials(args, flags, work, baseline["global_step"])
     summaries = {mode: summarize(rs) for mode, rs in records.items()}
     judged = verdict(baseline, summaries)
-    content = {"machine": common.machine(), "quick": args.quick, "seed": args.seed, "nprocs": args.nprocs,
-               "trials_per_mode": args.trials,
-               "ckpt_every_steps": args.ckpt_every_steps, "collective_timeout_s": args.collective_timeout,
-               "data_dir": str(data_dir or os.environ.get("XD_DATA_DIR", "./data")), "train_flags": flags,
-               "baseline": baseline, "verdict": judged, "notes": NOTES,
-               "modes": {mode: {"summary": summaries[mode], "trials": records[mode]} for mode in args.modes}}
+    content = {
+        "machine": common.machine(),
+        "quick": args.quick,
+        "seed": args.seed,
+        "nprocs": args.nprocs,
+        "trials_per_mode": args.trials,
+        "ckpt_every_steps": args.ckpt_every_steps,
+        "collective_timeout_s": args.collective_timeout,
+        "data_dir": str(data_dir or os.environ.get("XD_DATA_DIR", "./data")),
+        "train_flags": flags,
+        "baseline": baseline,
+        "verdict": judged,
+        "notes": NOTES,
+        "modes": {mode: {"summary": summaries[mode], "trials": records[mode]} for mode in args.modes},
+    }
     print("\n" + table(baseline, summaries) + "\n")
     print(*(f"- {note}" for note in NOTES), sep="\n")
     print(verdict_line(judged, args.quick))
@@ -258,7 +325,7 @@ def _exit_on_sigterm(signum, frame) -> None:
     sys.exit(128 + signum)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check(args)

@@ -6,14 +6,15 @@ processes and daemon at once, when the job's ``progress.json`` reaches the trial
 trial builds its hosts afresh and removes them afterwards, under a prefix of its own (``xdc``) so
 that it never touches the tests' namespaces.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 from benchmarks.chaos_jobs import Job
 from benchmarks.common import REPO
@@ -29,7 +30,7 @@ def _netns_hosts():
     return module
 
 
-def unavailable() -> Optional[str]:
+def unavailable() -> str | None:
     """Why emulated hosts cannot be built here now (None when they can)."""
     permitted, why = _netns_hosts().netns_permitted()
     if not permitted:
@@ -56,8 +57,9 @@ def emulated_hosts(count: int, workdir: Path) -> Iterator:
         hosts.close()
         left = leftover_namespaces()
         if left:
-            raise RuntimeError(f"network namespaces left behind: {', '.join(left)}; remove them with "
-                               "`ip netns delete NAME`")
+            raise RuntimeError(
+                f"network namespaces left behind: {', '.join(left)}; remove them with `ip netns delete NAME`"
+            )
 
 
 def host_flags(hosts, count: int) -> list[str]:
@@ -74,7 +76,7 @@ class HostKiller:
         self.hosts, self.index, self.step = hosts, index, step
 
     def __call__(self, job: Job) -> None:
-        from lightning_xd.callbacks.progress_marker import read_progress
+        from lightning_xd.fault_tolerance.progress_marker import read_progress
 
         if "killed_at" in job.extra or job.completed:  # killing a finished job would test nothing
             return

@@ -5,6 +5,7 @@ known to within the output's forwarding delay: that is where "time to recover" s
 has finished when ``<run_dir>/COMPLETED`` exists (exit codes are not trusted, as in the
 supervisor); one that outlives its timeout is ended, process group and all.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from benchmarks.common import REPO
 
@@ -32,9 +33,9 @@ SUPERVISOR_VARIABLES = ("XD_ATTEMPT", "XD_SUPERVISED", "XD_FAULT_TOLERANCE")
 class Job:
     run_dir: Path
     log: Path
-    returncode: Optional[int] = None
+    returncode: int | None = None
     wall_time_s: float = 0.0
-    fault_at: Optional[float] = None  # unix time the fault injector announced its fault
+    fault_at: float | None = None  # unix time the fault injector announced its fault
     timed_out: bool = False
     extra: dict = field(default_factory=dict)  # what a watcher recorded (the emulated-host kill)
 
@@ -55,7 +56,7 @@ class Job:
         return "\n".join(kept[-lines:])
 
 
-def job_environment(extra: Optional[dict] = None) -> dict[str, str]:
+def job_environment(extra: dict | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_VARIABLES}
     env.update(extra or {})
     return env
@@ -86,16 +87,25 @@ def _end(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_train(argv: list[str], run_dir: Path, timeout: float, env: Optional[dict] = None,
-              watch: Optional[Callable[[Job], None]] = None) -> Job:
+def run_train(
+    argv: list[str], run_dir: Path, timeout: float, env: dict | None = None, watch: Callable[[Job], None] | None = None
+) -> Job:
     """Run ``train.py ARGV --run-dir RUN_DIR`` to its end (or its timeout); ``watch(job)`` is called
     about ten times a second while it runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
     job = Job(run_dir, run_dir.with_name(run_dir.name + ".log"))
     cmd = [sys.executable, str(REPO / "train.py"), *argv, "--run-dir", str(run_dir)]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=job_environment(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=run_dir.parent,
+        env=job_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     reader = threading.Thread(target=_read_output, args=(proc, job.log, job), daemon=True)
     reader.start()
     try:

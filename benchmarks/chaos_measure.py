@@ -13,12 +13,12 @@ A trial *recovered* when the job finished (``COMPLETED``), the fault did happen,
 record, the world has the size it should have after the loss, training reached the undisturbed
 run's last step or beyond, and the test AUC-ROC is a number in [0, 1].
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Optional
 
 from benchmarks import common
 from benchmarks.chaos_jobs import Job
@@ -36,7 +36,7 @@ class Trial:
         return "host" if self.mode == "hosts" else "rank"
 
 
-def _finished_problem(job: Job, metrics: dict, baseline_steps: int) -> Optional[str]:
+def _finished_problem(job: Job, metrics: dict, baseline_steps: int) -> str | None:
     """Why the job does not count as a finished, sane run (None if it does)."""
     if job.timed_out:
         return "timed out"
@@ -50,14 +50,17 @@ def _finished_problem(job: Job, metrics: dict, baseline_steps: int) -> Optional[
     return None
 
 
-def _ulfm(job: Job, trial: Trial, metrics: dict, nprocs: int) -> tuple[dict, Optional[str]]:
+def _ulfm(job: Job, trial: Trial, metrics: dict, nprocs: int) -> tuple[dict, str | None]:
     events = metrics.get("fault/recovery_events") or []
     if not events:
         return {}, "no in-job recovery on record"
     event = events[0]
-    measured = {"lost_ranks": event.get("lost_ranks"), "shrink_s": event.get("seconds"),
-                "steps_redone": max(0, trial.step - event.get("global_step", trial.step)),
-                "recoveries": len(events)}
+    measured = {
+        "lost_ranks": event.get("lost_ranks"),
+        "shrink_s": event.get("seconds"),
+        "steps_redone": max(0, trial.step - event.get("global_step", trial.step)),
+        "recoveries": len(events),
+    }
     if job.fault_at is not None:
         measured["time_to_recover_s"] = event["time"] - job.fault_at
         measured["detection_s"] = measured["time_to_recover_s"] - event["seconds"]
@@ -66,13 +69,16 @@ def _ulfm(job: Job, trial: Trial, metrics: dict, nprocs: int) -> tuple[dict, Opt
     return measured, None
 
 
-def _restart(job: Job, metrics: dict, killed_at: Optional[float], world_after: int) -> tuple[dict, Optional[str]]:
+def _restart(job: Job, metrics: dict, killed_at: float | None, world_after: int) -> tuple[dict, str | None]:
     restarts = metrics.get("supervisor/restarts", 0)
     if not restarts:
         return {}, "no supervisor restart on record"
     attempts = metrics.get("supervisor/attempts", [])
-    measured = {"restarts": restarts, "downtime_s": sum(metrics.get("supervisor/downtime_s", [])),
-                "steps_redone": sum(metrics.get("supervisor/steps_redone", []))}
+    measured = {
+        "restarts": restarts,
+        "downtime_s": sum(metrics.get("supervisor/downtime_s", [])),
+        "steps_redone": sum(metrics.get("supervisor/steps_redone", [])),
+    }
     resumed_at = attempts[1].get("training_started_at") if len(attempts) > 1 else None
     if killed_at is not None and resumed_at is not None:
         measured["time_to_recover_s"] = resumed_at - killed_at
@@ -85,11 +91,19 @@ def outcome(job: Job, trial: Trial, baseline_steps: int, nprocs: int) -> dict:
     """The trial's record: what was killed, whether it recovered (and if not, why), what it cost."""
     metrics = job.metrics()
     killed_at = job.extra.get("killed_at", job.fault_at)
-    record = {"mode": trial.mode, "trial": trial.index, trial.target_kind: trial.target, "step": trial.step,
-              "killed_at_step": job.extra.get("killed_step", trial.step if killed_at else None),
-              "test_auroc": metrics.get("test/auroc"), "world_size": metrics.get("world_size"),
-              "global_step": metrics.get("global_step"), "wall_time_s": job.wall_time_s,
-              "checkpoint_overhead_pct": metrics.get("checkpoint/overhead_pct"), "returncode": job.returncode}
+    record = {
+        "mode": trial.mode,
+        "trial": trial.index,
+        trial.target_kind: trial.target,
+        "step": trial.step,
+        "killed_at_step": job.extra.get("killed_step", trial.step if killed_at else None),
+        "test_auroc": metrics.get("test/auroc"),
+        "world_size": metrics.get("world_size"),
+        "global_step": metrics.get("global_step"),
+        "wall_time_s": job.wall_time_s,
+        "checkpoint_overhead_pct": metrics.get("checkpoint/overhead_pct"),
+        "returncode": job.returncode,
+    }
     problem = _finished_problem(job, metrics, baseline_steps)
     if killed_at is None:
         problem = problem or "the fault never happened (no kill on record)"
@@ -108,7 +122,7 @@ def outcome(job: Job, trial: Trial, baseline_steps: int, nprocs: int) -> dict:
     return record
 
 
-def stats(values: list) -> Optional[dict]:
+def stats(values: list) -> dict | None:
     """Mean, median, min and max of the values that were measured (None when none was): the mean
     too, since mean time to recover is what the issue asks for."""
     values = [v for v in values if isinstance(v, (int, float))]
@@ -118,9 +132,20 @@ def stats(values: list) -> Optional[dict]:
 def summarize(records: list[dict]) -> dict:
     """A mode's trials in a few numbers; costs are over the trials that recovered."""
     good = [r for r in records if r["recovered"]]
-    summary = {"trials": len(records), "recovered": len(good),
-               "success_rate": len(good) / len(records) if records else None}
-    for key in ("time_to_recover_s", "detection_s", "shrink_s", "downtime_s", "steps_redone", "test_auroc",
-                "wall_time_s", "checkpoint_overhead_pct"):
+    summary = {
+        "trials": len(records),
+        "recovered": len(good),
+        "success_rate": len(good) / len(records) if records else None,
+    }
+    for key in (
+        "time_to_recover_s",
+        "detection_s",
+        "shrink_s",
+        "downtime_s",
+        "steps_redone",
+        "test_auroc",
+        "wall_time_s",
+        "checkpoint_overhead_pct",
+    ):
         summary[key] = stats([r.get(key) for r in good])
     return summary

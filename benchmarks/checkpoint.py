@@ -18,6 +18,7 @@ the background run, as ``checkpoint/overhead_pct``: the share of training time t
 checkpointing every K steps costs. A background write's competition for the cores with the
 next steps is not in it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -52,7 +53,7 @@ def measure(workload, background: bool, folder: Path, args) -> dict:
     from benchmarks import harness
     from benchmarks import step_timer as st
     from lightning_xd.callbacks import FaultTolerantCheckpoint
-    from lightning_xd.checkpoints import BackgroundCheckpointIO, CheckpointStore, VerifiedCheckpointIO
+    from lightning_xd.fault_tolerance.checkpoints import BackgroundCheckpointIO, CheckpointStore, VerifiedCheckpointIO
 
     steps = args.warmup + args.every_steps * args.checkpoints
     checkpoints = FaultTolerantCheckpoint(folder, every_n_steps=args.every_steps, min_seconds=float("inf"))
@@ -62,13 +63,16 @@ def measure(workload, background: bool, folder: Path, args) -> dict:
     stalls = checkpoints.save_seconds[: steps // args.every_steps]
     per_rank = timer.gather()
     newest = CheckpointStore(folder).manifests()
-    return {"stalls_s": stalls, "step_s": st.step_seconds(per_rank),
-            "steps_s_total": max(sum(s.seconds for s in rank_steps) for rank_steps in per_rank),
-            "bytes": newest[0]["bytes"] if newest else None}
+    return {
+        "stalls_s": stalls,
+        "step_s": st.step_seconds(per_rank),
+        "steps_s_total": max(sum(s.seconds for s in rank_steps) for rank_steps in per_rank),
+        "bytes": newest[0]["bytes"] if newest else None,
+    }
 
 
 def compare(workload, folder: Path, args) -> dict:
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     workload.prepare()
     runs: dict[str, list[dict]] = {"write": [], "stall": []}
@@ -79,8 +83,11 @@ def compare(workload, folder: Path, args) -> dict:
             runs[kind].append(measure(workload, kind == "stall", run_folder, args))
             if world().rank == 0:
                 r = runs[kind][-1]
-                print(f"{workload.model} {kind:5}: checkpoint stall {1e3 * max(r['stalls_s']):8.2f} ms (max), "
-                      f"step {1e3 * r['step_s']:7.2f} ms", flush=True)
+                print(
+                    f"{workload.model} {kind:5}: checkpoint stall {1e3 * max(r['stalls_s']):8.2f} ms (max), "
+                    f"step {1e3 * r['step_s']:7.2f} ms",
+                    flush=True,
+                )
     return summarize(runs, workload, args)
 
 
@@ -92,13 +99,18 @@ def summarize(runs: dict, workload, args) -> dict:
 
     write, stall = runs["write"], runs["stall"]
     overhead = [100 * sum(r["stalls_s"]) / r["steps_s_total"] for r in stall]
-    return {"data": workload.data, "every_steps": args.every_steps, "checkpoint_bytes": write[-1]["bytes"],
-            "write_s": common.stats(median_stall(r) for r in write),
-            "stall_s": common.stats(median_stall(r) for r in stall),
-            "step_s": common.stats(r["step_s"] for r in write + stall),
-            "write_pct_of_step": common.ratio_stats([100 * median_stall(r) for r in write], [r["step_s"] for r in write]),
-            "stall_pct_of_step": common.ratio_stats([100 * median_stall(r) for r in stall], [r["step_s"] for r in stall]),
-            "overhead_pct": common.stats(overhead), "repetitions": runs}
+    return {
+        "data": workload.data,
+        "every_steps": args.every_steps,
+        "checkpoint_bytes": write[-1]["bytes"],
+        "write_s": common.stats(median_stall(r) for r in write),
+        "stall_s": common.stats(median_stall(r) for r in stall),
+        "step_s": common.stats(r["step_s"] for r in write + stall),
+        "write_pct_of_step": common.ratio_stats([100 * median_stall(r) for r in write], [r["step_s"] for r in write]),
+        "stall_pct_of_step": common.ratio_stats([100 * median_stall(r) for r in stall], [r["step_s"] for r in stall]),
+        "overhead_pct": common.stats(overhead),
+        "repetitions": runs,
+    }
 
 
 def run(args) -> None:
@@ -106,7 +118,7 @@ def run(args) -> None:
     import tempfile
 
     from benchmarks import harness
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     harness.quiet()
     comm = world()
@@ -121,9 +133,15 @@ def run(args) -> None:
         if comm.rank == 0 and not args.checkpoint_dir:
             shutil.rmtree(folder, ignore_errors=True)
     if comm.rank == 0:
-        result = {"machine": common.machine(), "nprocs": args.nprocs, "strategy": "mpi", "repeats": args.repeats,
-                  "quick": args.quick, "models": models,
-                  "checkpoint_overhead_pct": {m: r["overhead_pct"]["median"] for m, r in models.items()}}
+        result = {
+            "machine": common.machine(),
+            "nprocs": args.nprocs,
+            "strategy": "mpi",
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "models": models,
+            "checkpoint_overhead_pct": {m: r["overhead_pct"]["median"] for m, r in models.items()},
+        }
         path = common.write_results(args.results_dir, common.result_name("checkpoint", args.quick), result)
         plot(result, path.with_suffix(".png"))
         print(f"wrote {path}", flush=True)
@@ -134,15 +152,19 @@ def plot(result: dict, path: Path) -> Path:
 
     models = list(result["models"])
     image = plots.canvas(3, 1)
-    for column, (key, title, unit, scale) in enumerate([
+    for column, (key, title, unit, scale) in enumerate(
+        [
             ("write_s", "checkpoint write (in the training thread)", "ms", 1e3),
             ("stall_s", "training stall (background write)", "ms", 1e3),
-            ("overhead_pct", "overhead, checkpoint every K steps", "% of step time", 1)]):
+            ("overhead_pct", "overhead, checkpoint every K steps", "% of step time", 1),
+        ]
+    ):
         values = [{k: v * scale if k != "n" else v for k, v in result["models"][m][key].items()} for m in models]
         labels = [f"{m} K={result['models'][m]['every_steps']}" if key == "overhead_pct" else m for m in models]
         plots.range_bars(image, plots.panel(column, 0), labels, values, title, unit)
-    return plots.save(image, path, f"{result['strategy']}, {result['nprocs']} processes; "
-                                   f"{common.machine_line(result['machine'])}")
+    return plots.save(
+        image, path, f"{result['strategy']}, {result['nprocs']} processes; {common.machine_line(result['machine'])}"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Every script runs alone (``python benchmarks/NAME.py [--quick]``): started outsi
 re-runs itself under ``mpirun -np N``; inside one it measures. ``run_all.py`` instead runs several
 scripts' ``run(args)`` inside one job, so that each pays MPI and torch start-up once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,9 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -27,18 +28,24 @@ class BenchmarkError(Exception):
     """A mistake in the benchmark's flags or set-up: reported as one line, exit code 2."""
 
 
-def parser(description: str, nprocs: int, data: bool = True, repeats: int = 5,
-           quick_repeats: int = 2) -> argparse.ArgumentParser:
+def parser(
+    description: str, nprocs: int, data: bool = True, repeats: int = 5, quick_repeats: int = 2
+) -> argparse.ArgumentParser:
     """The flags every benchmark takes; a script adds its own."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions: seconds, checks the script")
     p.add_argument("--nprocs", type=int, default=nprocs, help="processes of the MPI job")
-    p.add_argument("--repeats", type=int, help=f"repetitions behind every median (default: {repeats}, quick: {quick_repeats})")
+    p.add_argument(
+        "--repeats", type=int, help=f"repetitions behind every median (default: {repeats}, quick: {quick_repeats})"
+    )
     p.set_defaults(full_repeats=repeats, quick_repeats=quick_repeats)
     p.add_argument("--results-dir", default=str(RESULTS), help="where <name>[-quick].json and .png go")
     if data:
-        p.add_argument("--data-dir", default=os.environ.get("XD_DATA_DIR", "./data"),
-                       help="datasets, laid out as ../shared/data ($XD_DATA_DIR)")
+        p.add_argument(
+            "--data-dir",
+            default=os.environ.get("XD_DATA_DIR", "./data"),
+            help="datasets, laid out as ../shared/data ($XD_DATA_DIR)",
+        )
         p.add_argument("--cache-dir", default=os.environ.get("XD_CACHE_DIR"), help="preprocessed data ($XD_CACHE_DIR)")
     return p
 
@@ -56,12 +63,13 @@ def result_name(name: str, quick: bool) -> str:
     return name + ("-quick" if quick else "")
 
 
-def main(run: Callable[[argparse.Namespace], None], parse_args: Callable[[Sequence[str]], argparse.Namespace],
-         script: str) -> None:
+def main(
+    run: Callable[[argparse.Namespace], None], parse_args: Callable[[Sequence[str]], argparse.Namespace], script: str
+) -> None:
     """Measure inside an MPI job; outside one, re-run ``script`` under mpirun with the same flags."""
     argv = sys.argv[1:]
     args = parse_args(argv)
-    from lightning_xd.launcher import in_mpi_job
+    from lightning_xd.launch.launcher import in_mpi_job
 
     try:
         if in_mpi_job():
@@ -77,7 +85,7 @@ def mpirun(nprocs: int, script_argv: Sequence[str], timeout: float | None = None
     """Run ``python -m mpi4py SCRIPT ARGS`` on ``nprocs`` ranks (oversubscribed beyond the cores).
     Past ``timeout`` seconds mpirun is asked to end the job (SIGTERM: it stops its ranks; a SIGKILL
     would leave them running), then killed."""
-    from lightning_xd.launcher import mpirun_command, mpirun_environment
+    from lightning_xd.launch.launcher import mpirun_command, mpirun_environment
 
     env = mpirun_environment()
     process = subprocess.Popen(mpirun_command(nprocs, list(script_argv), env=env), env=env)
@@ -94,8 +102,10 @@ def mpirun(nprocs: int, script_argv: Sequence[str], timeout: float | None = None
 
 def check_world(comm, nprocs: int, name: str) -> None:
     if comm.size != nprocs:
-        raise BenchmarkError(f"{name} wants --nprocs {nprocs} but this MPI job has {comm.size} processes; "
-                             f"start it without mpirun, or with mpirun -np {nprocs}")
+        raise BenchmarkError(
+            f"{name} wants --nprocs {nprocs} but this MPI job has {comm.size} processes; "
+            f"start it without mpirun, or with mpirun -np {nprocs}"
+        )
 
 
 def stats(values: Iterable[float]) -> dict:
@@ -110,8 +120,12 @@ def ratio_stats(numerators: Sequence[float], denominators: Sequence[float]) -> d
     """A ratio of two quantities measured in the same repetitions: the ratio of their medians, with
     the spread of the per-repetition ratios as min and max."""
     per_repetition = [a / b for a, b in zip(numerators, denominators) if b]
-    return {"median": statistics.median(numerators) / statistics.median(denominators),
-            "min": min(per_repetition), "max": max(per_repetition), "n": len(per_repetition)}
+    return {
+        "median": statistics.median(numerators) / statistics.median(denominators),
+        "min": min(per_repetition),
+        "max": max(per_repetition),
+        "n": len(per_repetition),
+    }
 
 
 def machine() -> dict:
@@ -126,8 +140,13 @@ def machine() -> dict:
         pass
     import torch
 
-    return {"cores": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "torch": torch.__version__, "host": platform.node()}
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+    }
 
 
 def machine_line(info: dict) -> str:

@@ -7,23 +7,25 @@ the gloo process group, made by the first DDP run, stays for the next ones. Trai
 logger, progress bar, model summary or validation while fitting, no checkpoints unless a
 callback asks; a training step does what train.py's does and nothing else.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-import datamodules  # noqa: F401  (registers the names)
-import models  # noqa: F401
-import strategies  # noqa: F401
+import lightning_xd.datamodules  # noqa: F401  (registers the names)
+import lightning_xd.models  # noqa: F401
+import lightning_xd.strategies  # noqa: F401
 from benchmarks import common
-from lightning_xd.comm import world
-from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES
+from lightning_xd.comm.communicator import world
+from lightning_xd.launch.registry import DATAMODULES, MODELS, STRATEGIES
 
 T = TypeVar("T")
 _RELEASE_TAG = 4242
@@ -40,11 +42,11 @@ _PLACED_ON = frozenset(os.sched_getaffinity(0))  # the cores mpirun bound this p
 
 
 def share_cores(alone: bool = False) -> int:
-    """Threads for the next run, as train.py gives them (``lightning_xd.cores``); returns them.
+    """Threads for the next run, as train.py gives them (``lightning_xd.launch.cores``); returns them.
 
     ``alone``: this process runs by itself (``single`` while the others wait): it may use every core of
     the machine, as train.py's one process would, so it leaves the cores mpirun bound it to."""
-    from lightning_xd.cores import share_cores as share
+    from lightning_xd.launch.cores import share_cores as share
 
     if alone:
         everything = set(range(os.cpu_count() or 1))
@@ -65,9 +67,11 @@ class Workload:
     seed: int = 42
 
     @classmethod
-    def of(cls, model: str, settings: dict, data: Optional[str] = None) -> "Workload":
+    def of(cls, model: str, settings: dict, data: str | None = None) -> Workload:
         """The model on its own dataset (or ``data``), with the settings its constructors accept."""
-        return cls(model, data or MODELS.get(model).defaults["data"], {k: v for k, v in settings.items() if v is not None})
+        return cls(
+            model, data or MODELS.get(model).defaults["data"], {k: v for k, v in settings.items() if v is not None}
+        )
 
     def prepare(self) -> None:
         """Check, download and cache the data: once per host, before any rank reads it."""
@@ -95,16 +99,33 @@ def trainer(strategy, max_steps: int = -1, callbacks: Sequence = (), plugins: Se
 
     # As in train.py: a strategy without an environment gets one, so Lightning never probes for MPI.
     environment = [] if getattr(strategy, "cluster_environment", None) is not None else [LightningEnvironment()]
-    options = dict(accelerator=strategy.root_device.type, strategy=strategy, num_nodes=getattr(strategy, "num_nodes", 1),
-                   plugins=[*environment, *plugins], max_epochs=-1, max_steps=max_steps, logger=False,
-                   callbacks=list(callbacks), enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                   limit_val_batches=0, default_root_dir=tempfile.gettempdir())
+    options = dict(
+        accelerator=strategy.root_device.type,
+        strategy=strategy,
+        num_nodes=getattr(strategy, "num_nodes", 1),
+        plugins=[*environment, *plugins],
+        max_epochs=-1,
+        max_steps=max_steps,
+        logger=False,
+        callbacks=list(callbacks),
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tempfile.gettempdir(),
+    )
     return Trainer(**{**options, **overrides})
 
 
-def fit(workload: Workload, strategy: str, max_steps: int, callbacks: Sequence = (), strategy_settings: dict = None,
-        **trainer_options: Any):
+def fit(
+    workload: Workload,
+    strategy: str,
+    max_steps: int,
+    callbacks: Sequence = (),
+    strategy_settings: dict = None,
+    **trainer_options: Any,
+):
     """Build and fit; returns the trainer (its strategy and model with it)."""
     datamodule, model, built = workload.build(strategy, **(strategy_settings or {}))
     fitted = trainer(built, max_steps, callbacks, **trainer_options)

@@ -6,6 +6,7 @@ Each segment, separated by ``--``, is a benchmark's name and its flags. Every fl
 is checked before the first benchmark starts; then every process runs the benchmarks' ``run(args)``
 in the order given. ``run_all.py`` starts these jobs.
 """
+
 from __future__ import annotations
 
 import gc

@@ -12,6 +12,7 @@ gradients in flight included) over the step's time, as the strategy measures it
 theory assumes stages of equal cost and free transfers, so measured / theory above 1 is the
 price of unequal stages (the model is cut by parameter count, not by time) and of transfers.
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,24 +52,33 @@ def measure(workload, schedule: str, microbatches: int, args) -> dict:
     from benchmarks import step_timer as st
 
     timer = st.StepTimer(args.warmup, align=True)
-    trainer = harness.fit(workload, "hybrid", args.warmup + args.steps, [timer], strategy_settings={
-        "pipeline_stages": args.nprocs, "microbatches": microbatches, "schedule": schedule})
+    trainer = harness.fit(
+        workload,
+        "hybrid",
+        args.warmup + args.steps,
+        [timer],
+        strategy_settings={"pipeline_stages": args.nprocs, "microbatches": microbatches, "schedule": schedule},
+    )
     summary = trainer.strategy.summary_metrics()
     per_rank = timer.gather()
-    return {"bubble": summary["pipeline/bubble_measured"], "step_s": st.step_seconds(per_rank),
-            "samples_per_s": st.samples_per_s(per_rank, samples_divisor=args.nprocs),
-            "timeline": summary["pipeline/timelines"]}
+    return {
+        "bubble": summary["pipeline/bubble_measured"],
+        "step_s": st.step_seconds(per_rank),
+        "samples_per_s": st.samples_per_s(per_rank, samples_divisor=args.nprocs),
+        "timeline": summary["pipeline/timelines"],
+    }
 
 
 def run(args) -> None:
     from benchmarks import harness
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     harness.quiet()
     common.check_world(world(), args.nprocs, "pipeline")
     harness.share_cores()
-    workload = harness.Workload.of(args.model, {"data_dir": args.data_dir, "cache_dir": args.cache_dir,
-                                                "batch_size": args.batch_size})
+    workload = harness.Workload.of(
+        args.model, {"data_dir": args.data_dir, "cache_dir": args.cache_dir, "batch_size": args.batch_size}
+    )
     workload.prepare()
     configs = [(s, m) for s in args.schedules for m in args.microbatches]
     runs: dict = {c: [] for c in configs}
@@ -77,8 +87,11 @@ def run(args) -> None:
         for schedule, m in configs[shift:] + configs[:shift]:
             runs[(schedule, m)].append(measure(workload, schedule, m, args))
             if world().rank == 0:
-                print(f"{schedule:5} M={m}: bubble {runs[(schedule, m)][-1]['bubble']:.3f} "
-                      f"(theory {theory(args.nprocs, m):.3f})", flush=True)
+                print(
+                    f"{schedule:5} M={m}: bubble {runs[(schedule, m)][-1]['bubble']:.3f} "
+                    f"(theory {theory(args.nprocs, m):.3f})",
+                    flush=True,
+                )
     if world().rank == 0:
         write(runs, workload, args)
 
@@ -89,18 +102,32 @@ def write(runs: dict, workload, args) -> None:
     for (schedule, m), reps in runs.items():
         bubbles = [r["bubble"] for r in reps]
         schedules[schedule][str(m)] = {
-            "bubble_measured": common.stats(bubbles), "bubble_theory": theory(stages, m),
+            "bubble_measured": common.stats(bubbles),
+            "bubble_theory": theory(stages, m),
             "measured_over_theory": common.ratio_stats(bubbles, [theory(stages, m)] * len(bubbles)),
             "step_s": common.stats(r["step_s"] for r in reps),
-            "samples_per_s": common.stats(r["samples_per_s"] for r in reps)}
-    result = {"machine": common.machine(), "model": workload.model, "data": workload.data, "stages": stages,
-              "batch_size": args.batch_size, "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup,
-              "quick": args.quick, "schedules": schedules,
-              "repetitions": {f"{s} M={m}": [{k: v for k, v in r.items() if k != "timeline"} for r in reps]
-                              for (s, m), reps in runs.items()},
-              "pipeline_bubble_measured_over_theory": {
-                  str(m): {s: schedules[s][str(m)]["measured_over_theory"]["median"] for s in args.schedules}
-                  for m in args.microbatches}}
+            "samples_per_s": common.stats(r["samples_per_s"] for r in reps),
+        }
+    result = {
+        "machine": common.machine(),
+        "model": workload.model,
+        "data": workload.data,
+        "stages": stages,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "quick": args.quick,
+        "schedules": schedules,
+        "repetitions": {
+            f"{s} M={m}": [{k: v for k, v in r.items() if k != "timeline"} for r in reps]
+            for (s, m), reps in runs.items()
+        },
+        "pipeline_bubble_measured_over_theory": {
+            str(m): {s: schedules[s][str(m)]["measured_over_theory"]["median"] for s in args.schedules}
+            for m in args.microbatches
+        },
+    }
     path = common.write_results(args.results_dir, common.result_name("pipeline", args.quick), result)
     example = max(args.microbatches, key=lambda m: (m <= 4, m))  # the timelines drawn: M = 4, or the nearest below
     plot(result, {s: runs[(s, example)][-1]["timeline"] for s in args.schedules}, example, path.with_suffix(".png"))
@@ -113,13 +140,24 @@ def plot(result: dict, timelines: dict, microbatches: int, path: Path) -> Path:
 
     image = plots.canvas(1 + len(timelines), 1)
     ms = sorted(int(m) for m in next(iter(result["schedules"].values())))
-    series = {f"{s} measured": (ms, [result["schedules"][s][str(m)]["bubble_measured"] for m in ms])
-              for s in result["schedules"]}
+    series = {
+        f"{s} measured": (ms, [result["schedules"][s][str(m)]["bubble_measured"] for m in ms])
+        for s in result["schedules"]
+    }
     plain = {"theory (P-1)/(M+P-1)": (ms, [theory(result["stages"], m) for m in ms])}
-    plots.range_lines(image, plots.panel(0, 0), series, f"bubble fraction, P = {result['stages']} stages",
-                      "micro-batches M", "fraction of step", plain)
+    plots.range_lines(
+        image,
+        plots.panel(0, 0),
+        series,
+        f"bubble fraction, P = {result['stages']} stages",
+        "micro-batches M",
+        "fraction of step",
+        plain,
+    )
     for column, (schedule, timeline) in enumerate(timelines.items(), start=1):
-        lanes = {f"rank {r}": [tuple(op) for op in ops] for r, ops in sorted(timeline.items(), key=lambda kv: int(kv[0]))}
+        lanes = {
+            f"rank {r}": [tuple(op) for op in ops] for r, ops in sorted(timeline.items(), key=lambda kv: int(kv[0]))
+        }
         timeline_chart(image, plots.panel(column, 0), lanes, f"{schedule}, M = {microbatches}: one step")
     return plots.save(image, path, f"{result['model']} on {result['data']}; {common.machine_line(result['machine'])}")
 

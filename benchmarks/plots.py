@@ -3,11 +3,12 @@
 No plotting dependency: ``lightning_xd.viz.charts`` already draws axes, ticks and legends with
 OpenCV. A figure is a white canvas with panels and a footer naming the machine.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -40,7 +41,7 @@ def _axes(img, rect, title: str, xlabel: str, unit: str, xrange, yrange, categor
     return axes
 
 
-def _finite(values: Sequence[Optional[float]]) -> list[float]:
+def _finite(values: Sequence[float | None]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
@@ -50,14 +51,23 @@ def _whisker(img, x: int, low: int, high: int, shade) -> None:
     cv2.line(img, (x - 4, high), (x + 4, high), shade, 1)
 
 
-def range_lines(img, rect, series: dict[str, tuple[Sequence[float], Sequence[dict]]], title: str, xlabel: str,
-                ylabel: str, plain: Optional[dict[str, tuple[Sequence[float], Sequence[float]]]] = None) -> None:
+def range_lines(
+    img,
+    rect,
+    series: dict[str, tuple[Sequence[float], Sequence[dict]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    plain: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+) -> None:
     """One line through the medians per series (label -> (xs, stats)), min-max whiskers at each point;
     ``plain`` series (a theory, a limit) are lines without whiskers."""
     plain = plain or {}
     xs = [x for xs_, _ in [*series.values(), *plain.values()] for x in xs_]
-    ys = _finite([s[k] for _, stats in series.values() for s in stats for k in ("min", "max")] +
-                 [y for _, values in plain.values() for y in values])
+    ys = _finite(
+        [s[k] for _, stats in series.values() for s in stats for k in ("min", "max")]
+        + [y for _, values in plain.values() for y in values]
+    )
     if not xs or not ys:
         _axes(img, rect, title + " (no data)", xlabel, ylabel, (0, 1), (0, 1))
         return
@@ -76,7 +86,7 @@ def range_lines(img, rect, series: dict[str, tuple[Sequence[float], Sequence[dic
     axes.legend([*series, *plain])
 
 
-def range_bars(img, rect, labels: Sequence[str], stats: Sequence[Optional[dict]], title: str, ylabel: str) -> None:
+def range_bars(img, rect, labels: Sequence[str], stats: Sequence[dict | None], title: str, ylabel: str) -> None:
     """A bar at each median with a min-max whisker; None draws no bar (not applicable)."""
     top = max(_finite([s["max"] for s in stats if s]), default=1.0) * 1.15 or 1.0
     axes = _axes(img, rect, title, "", ylabel, (-0.5, len(labels) - 0.5), (0, top), categories=True)
@@ -92,12 +102,21 @@ def range_bars(img, rect, labels: Sequence[str], stats: Sequence[Optional[dict]]
         text(img, f"{s['median']:.3g}", (x - 14, axes.py(s["max"]) - 6), 0.38)
 
 
-def stacked_bars(img, rect, labels: Sequence[str], parts: dict[str, Sequence[Optional[float]]], title: str,
-                 ylabel: str) -> None:
+def stacked_bars(
+    img, rect, labels: Sequence[str], parts: dict[str, Sequence[float | None]], title: str, ylabel: str
+) -> None:
     """One bar per label, stacked from ``parts`` (name -> value per label); None counts as not measured."""
     totals = [sum(_finite(values)) for values in zip(*parts.values())]
-    axes = _axes(img, rect, title, "", ylabel, (-0.5, len(labels) - 0.5), (0, max(totals, default=1.0) * 1.15 or 1.0),
-                 categories=True)
+    axes = _axes(
+        img,
+        rect,
+        title,
+        "",
+        ylabel,
+        (-0.5, len(labels) - 0.5),
+        (0, max(totals, default=1.0) * 1.15 or 1.0),
+        categories=True,
+    )
     width = max(4, int((axes.x1 - axes.x0) / max(1, len(labels)) * 0.6))
     for i, label in enumerate(labels):
         x, bottom = axes.px(i), 0.0
@@ -106,6 +125,8 @@ def stacked_bars(img, rect, labels: Sequence[str], parts: dict[str, Sequence[Opt
             value = values[i]
             if value is None or not math.isfinite(value) or value <= 0:
                 continue
-            cv2.rectangle(img, (x - width // 2, axes.py(bottom + value)), (x + width // 2, axes.py(bottom)), colour(j), -1)
+            cv2.rectangle(
+                img, (x - width // 2, axes.py(bottom + value)), (x + width // 2, axes.py(bottom)), colour(j), -1
+            )
             bottom += value
     axes.legend(list(parts))

@@ -8,6 +8,7 @@ fewer cores; not with ``--quick``): allreduce. Each writes its own ``<name>[-qui
 the summary is read from the files this invocation wrote, so every ratio in it comes from one run
 (``--quick``: ``summary-quick.json``, beside the quick results, so a check never overwrites figures).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,19 @@ JOB = str(Path(__file__).with_name("job.py"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="every benchmark's quick mode: seconds, checks the scripts")
     p.add_argument("--data-dir", default=os.environ.get("XD_DATA_DIR", "./data"), help="datasets ($XD_DATA_DIR)")
     p.add_argument("--cache-dir", default=os.environ.get("XD_CACHE_DIR"), help="preprocessed data ($XD_CACHE_DIR)")
     p.add_argument("--results-dir", default=str(common.RESULTS))
     p.add_argument("--timeout", type=float, default=None, help="seconds each MPI job may take (default: no limit)")
-    p.add_argument("--summary-only", action="store_true",
-                   help="run nothing: rebuild the summary from the results there are (after re-running one benchmark)")
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: rebuild the summary from the results there are (after re-running one benchmark)",
+    )
     return p.parse_args(argv)
 
 
@@ -42,8 +47,9 @@ def jobs(args) -> list[tuple[int, list[list[str]]]]:
     """(processes, benchmark segments) of every MPI job, in the order they run."""
     shared = ["--results-dir", args.results_dir] + (["--quick"] if args.quick else [])
     data = ["--data-dir", args.data_dir] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
-    two = [["allreduce", "--nprocs", "2", *shared]] + [[name, "--nprocs", "2", *shared, *data]
-                                                       for name in ("strategies", "pipeline", "checkpoint")]
+    two = [["allreduce", "--nprocs", "2", *shared]] + [
+        [name, "--nprocs", "2", *shared, *data] for name in ("strategies", "pipeline", "checkpoint")
+    ]
     planned = [(2, two), (3, [["straggler", "--nprocs", "3", *shared, *data]])]
     if not args.quick:
         planned.append((4, [["allreduce", "--nprocs", "4", *shared]]))
@@ -68,23 +74,32 @@ def summary(results_dir: Path, quick: bool) -> dict:
         "comm_over_raw_mpi_busbw_64MB": rows[64 << 20]["comm_over_raw_mpi_busbw"],
         "raw_mpi_busbw_over_memcpy_64MB": allreduce["raw_mpi_busbw_over_memcpy_largest"],
         "async_over_mpi_updates_per_s_straggler3x": row3x["async_over_mpi_updates_per_s"],
-        "pipeline_bubble_measured_over_theory": {m: {s: pipeline["schedules"][s][m]["measured_over_theory"]
-                                                     for s in pipeline["schedules"]}
-                                                 for m in pipeline["pipeline_bubble_measured_over_theory"]},
+        "pipeline_bubble_measured_over_theory": {
+            m: {s: pipeline["schedules"][s][m]["measured_over_theory"] for s in pipeline["schedules"]}
+            for m in pipeline["pipeline_bubble_measured_over_theory"]
+        },
         "checkpoint_overhead_pct": {m: r["overhead_pct"] for m, r in checkpoint["models"].items()},
-        "mpi_communication_hidden_by_overlap": {m: r["hidden_communication_share"]
-                                                for m, r in strategies["models"].items()
-                                                if r.get("hidden_communication_share")},
+        "mpi_communication_hidden_by_overlap": {
+            m: r["hidden_communication_share"]
+            for m, r in strategies["models"].items()
+            if r.get("hidden_communication_share")
+        },
     }
     result = {key: medians(value) for key, value in ranges.items()}
     result.update(
         machine={k: allreduce["machine"][k] for k in ("cores", "cpu_model", "torch", "python")},
-        quick=quick, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ranges=ranges,
-        checks={"mpi_at_least_as_fast_as_ddp": {m: r["median"] >= 1.0 for m, r in mpi_over_ddp.items()},
-                "comm_layer_at_least_90pct_of_raw_mpi_from_1MB":
-                    allreduce["comm_layer_at_least_90pct_of_raw_mpi_from_1MB"]},
-        scaling_efficiency={m: {s: e["median"] for s, e in r.get("scaling_efficiency", {}).items()}
-                            for m, r in strategies["models"].items()})
+        quick=quick,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        ranges=ranges,
+        checks={
+            "mpi_at_least_as_fast_as_ddp": {m: r["median"] >= 1.0 for m, r in mpi_over_ddp.items()},
+            "comm_layer_at_least_90pct_of_raw_mpi_from_1MB": allreduce["comm_layer_at_least_90pct_of_raw_mpi_from_1MB"],
+        },
+        scaling_efficiency={
+            m: {s: e["median"] for s, e in r.get("scaling_efficiency", {}).items()}
+            for m, r in strategies["models"].items()
+        },
+    )
     four = results_dir / f"{common.result_name('allreduce-4ranks', quick)}.json"
     if four.is_file():
         result["comm_over_raw_mpi_busbw_4ranks"] = json.loads(four.read_text())["comm_over_raw_mpi_busbw"]
@@ -100,11 +115,16 @@ def medians(value):
 
 def markdown(result: dict) -> str:
     """summary.md: one table row per figure, generated from summary.json."""
-    lines = [f"# Benchmark summary{' (quick)' if result['quick'] else ''}", "",
-             f"{result['machine']['cores']} cores, {result['machine']['cpu_model']}, torch "
-             f"{result['machine']['torch']}; {result['created']}. Medians of repetitions, min and max of the "
-             "per-repetition values; every ratio within this run.", "",
-             "| figure | median | min | max |", "|---|---|---|---|"]
+    lines = [
+        f"# Benchmark summary{' (quick)' if result['quick'] else ''}",
+        "",
+        f"{result['machine']['cores']} cores, {result['machine']['cpu_model']}, torch "
+        f"{result['machine']['torch']}; {result['created']}. Medians of repetitions, min and max of the "
+        "per-repetition values; every ratio within this run.",
+        "",
+        "| figure | median | min | max |",
+        "|---|---|---|---|",
+    ]
 
     def rows(name: str, value) -> None:
         if isinstance(value, dict) and "median" in value:
@@ -122,12 +142,13 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    for nprocs, segments in ([] if args.summary_only else jobs(args)):
+    for nprocs, segments in [] if args.summary_only else jobs(args):
         names = ", ".join(segment[0] for segment in segments)
         print(f"== {nprocs} processes: {names}", flush=True)
         try:
-            code = common.mpirun(nprocs, [JOB, *[t for segment in segments for t in ["--", *segment]][1:]],
-                                 timeout=args.timeout)
+            code = common.mpirun(
+                nprocs, [JOB, *[t for segment in segments for t in ["--", *segment]][1:]], timeout=args.timeout
+            )
         except common.BenchmarkError as err:
             code = str(err)
         if code != 0:

@@ -13,17 +13,18 @@ duration is the step's compute. ``align`` starts every step of a synchronous run
 (outside the timed window), so that steps start together and a step's duration holds only
 that step's own waiting.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from lightning.pytorch import Callback
 
 from lightning_xd.callbacks.run_summary import batch_size_of
-from lightning_xd.comm import world
+from lightning_xd.comm.communicator import world
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class StepRecord:
     index: int  # position in this process's run, warm-up included
     exchange: bool  # False: the gradient exchange was switched off
     seconds: float
-    before_optimizer_s: Optional[float]  # from the step's start to on_before_optimizer_step
+    before_optimizer_s: float | None  # from the step's start to on_before_optimizer_step
     samples: int
 
 
@@ -72,8 +73,9 @@ class StepTimer(Callback):
             self._switch = None
         if self._index >= self.warmup:
             before = None if self._before_optimizer is None else self._before_optimizer - self._start
-            self.steps.append(StepRecord(self._index, self._exchange_on(self._index), end - self._start, before,
-                                         batch_size_of(batch)))
+            self.steps.append(
+                StepRecord(self._index, self._exchange_on(self._index), end - self._start, before, batch_size_of(batch))
+            )
         self._index += 1
 
     def gather(self) -> list[list[StepRecord]]:
@@ -101,8 +103,9 @@ def step_seconds(per_rank: list[list[StepRecord]], exchange: bool = True) -> flo
 def wait_for_slowest(per_rank: list[list[StepRecord]]) -> float:
     """Median over exchange-off steps of (slowest rank's duration - mean duration): what a rank of a
     synchronous step waits for the slowest one, even if communication were free."""
-    return median(max(s.seconds for s in step) - statistics.fmean(s.seconds for s in step)
-                  for step in by_index(per_rank, False))
+    return median(
+        max(s.seconds for s in step) - statistics.fmean(s.seconds for s in step) for step in by_index(per_rank, False)
+    )
 
 
 def samples_per_s(per_rank: list[list[StepRecord]], samples_divisor: int = 1) -> float:

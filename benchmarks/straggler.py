@@ -17,6 +17,7 @@ the last rank (a worker in both strategies) sleeps (f - 1) x s after each of its
 ``mpi`` moves at the pace of its slowest rank; ``async`` applies each worker's gradient as it
 arrives, within the staleness bound, so a slow worker only contributes fewer of them.
 """
+
 from __future__ import annotations
 
 import sys
@@ -38,8 +39,12 @@ def parse_args(argv=None):
     p.add_argument("--snapshot-every", type=int, help="updates between snapshots (default 10, quick 2)")
     p.add_argument("--metric", default="val/acc", help="validation metric of the target (higher is better)")
     p.add_argument("--target", type=float, help="absolute target of --metric (default: see --target-fraction)")
-    p.add_argument("--target-fraction", type=float, default=0.95,
-                   help="target = this fraction of the best --metric of the undisturbed mpi run")
+    p.add_argument(
+        "--target-fraction",
+        type=float,
+        default=0.95,
+        help="target = this fraction of the best --metric of the undisturbed mpi run",
+    )
     p.add_argument("--batch-size", type=int, help="per-process batch size; default: the dataset's own, quick 16")
     args = common.parse(p, argv)
     args.factors = args.factors or ([3.0] if args.quick else [1.5, 2.0, 3.0])
@@ -110,7 +115,7 @@ def train(workload, name: str, delay: float, args) -> dict:
     from benchmarks import harness
     from benchmarks import step_timer as st
     from lightning_xd.callbacks import StragglerDelay
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     comm = world()
     timer = st.StepTimer(warmup=0)
@@ -134,14 +139,19 @@ def train(workload, name: str, delay: float, args) -> dict:
     updates = trainer.strategy.summary_metrics().get("global_step", trainer.global_step)  # async: the server's count
     per_rank = timer.gather()
     snapshots = (logger.snapshots if name == "async" else callbacks[-1].snapshots).taken if comm.rank == 0 else []
-    return {"updates": updates, "train_s": timer.train_seconds, "updates_per_s": updates / timer.train_seconds,
-            "step_s": st.step_seconds(per_rank), "samples_per_s": st.samples_per_s(per_rank),
-            "staleness_mean": trainer.strategy.summary_metrics().get("async/staleness_mean"),
-            "snapshots": snapshots}
+    return {
+        "updates": updates,
+        "train_s": timer.train_seconds,
+        "updates_per_s": updates / timer.train_seconds,
+        "step_s": st.step_seconds(per_rank),
+        "samples_per_s": st.samples_per_s(per_rank),
+        "staleness_mean": trainer.strategy.summary_metrics().get("async/staleness_mean"),
+        "snapshots": snapshots,
+    }
 
 
 def workload_epochs(workload, quick: bool) -> int:
-    from lightning_xd.registry import MODELS
+    from lightning_xd.launch.registry import MODELS
 
     return 4 if quick else MODELS.get(workload.model).defaults.get("max_epochs", 10)
 
@@ -149,7 +159,7 @@ def workload_epochs(workload, quick: bool) -> int:
 def score(workload, snapshots: list, metric: str) -> list[dict]:
     """The validation metric of every snapshot (rank 0's), on the whole validation set over all ranks."""
     from benchmarks import harness
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     comm = world()
     datamodule, model, _ = workload.build("mpi")
@@ -169,17 +179,18 @@ def time_to(curve: list[dict], target: float):
 
 
 def repetition(workload, args, index: int) -> dict:
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     baseline = train(workload, "mpi", 0.0, args)
     baseline["curve"] = score(workload, baseline.pop("snapshots"), args.metric)
-    target = args.target if args.target is not None else \
-        args.target_fraction * max(p["value"] for p in baseline["curve"])
+    target = (
+        args.target if args.target is not None else args.target_fraction * max(p["value"] for p in baseline["curve"])
+    )
     rows = []
     for factor in args.factors:
         delay = (factor - 1) * baseline["step_s"]
         row = {"factor": factor, "delay_s": delay}
-        for name in (["mpi", "async"] if index % 2 == 0 else ["async", "mpi"]):
+        for name in ["mpi", "async"] if index % 2 == 0 else ["async", "mpi"]:
             result = train(workload, name, delay, args)
             result["curve"] = score(workload, result.pop("snapshots"), args.metric)
             result["time_to_target_s"] = time_to(result["curve"], target)
@@ -187,9 +198,12 @@ def repetition(workload, args, index: int) -> dict:
         row["async_over_mpi_updates_per_s"] = row["async"]["updates_per_s"] / row["mpi"]["updates_per_s"]
         rows.append(row)
         if world().rank == 0:
-            print(f"slowed x{factor}: updates/s mpi {row['mpi']['updates_per_s']:.1f}, async "
-                  f"{row['async']['updates_per_s']:.1f}; time to {args.metric} >= {target:.3f}: mpi "
-                  f"{row['mpi']['time_to_target_s']}, async {row['async']['time_to_target_s']}", flush=True)
+            print(
+                f"slowed x{factor}: updates/s mpi {row['mpi']['updates_per_s']:.1f}, async "
+                f"{row['async']['updates_per_s']:.1f}; time to {args.metric} >= {target:.3f}: mpi "
+                f"{row['mpi']['time_to_target_s']}, async {row['async']['time_to_target_s']}",
+                flush=True,
+            )
     return {"undisturbed": baseline, "target": target, "rows": rows}
 
 
@@ -199,40 +213,60 @@ def summarize(repetitions: list[dict], args) -> dict:
 
     rows = []
     for i, factor in enumerate(args.factors):
-        row = {"factor": factor, "async_over_mpi_updates_per_s": common.ratio_stats(
-            over(i, "async", "updates_per_s"), over(i, "mpi", "updates_per_s"))}
+        row = {
+            "factor": factor,
+            "async_over_mpi_updates_per_s": common.ratio_stats(
+                over(i, "async", "updates_per_s"), over(i, "mpi", "updates_per_s")
+            ),
+        }
         for name in ("mpi", "async"):
             reached = [t for t in over(i, name, "time_to_target_s") if t is not None]
-            row[name] = {"updates_per_s": common.stats(over(i, name, "updates_per_s")),
-                         "samples_per_s": common.stats(over(i, name, "samples_per_s")),
-                         "time_to_target_s": common.stats(reached) if reached else None,
-                         "reached_target": f"{len(reached)}/{len(repetitions)}"}
+            row[name] = {
+                "updates_per_s": common.stats(over(i, name, "updates_per_s")),
+                "samples_per_s": common.stats(over(i, name, "samples_per_s")),
+                "time_to_target_s": common.stats(reached) if reached else None,
+                "reached_target": f"{len(reached)}/{len(repetitions)}",
+            }
         row["async"]["staleness_mean"] = common.stats(over(i, "async", "staleness_mean"))
         rows.append(row)
-    return {"undisturbed_step_s": common.stats(r["undisturbed"]["step_s"] for r in repetitions),
-            "target": common.stats(r["target"] for r in repetitions), "rows": rows}
+    return {
+        "undisturbed_step_s": common.stats(r["undisturbed"]["step_s"] for r in repetitions),
+        "target": common.stats(r["target"] for r in repetitions),
+        "rows": rows,
+    }
 
 
 def run(args) -> None:
     from benchmarks import harness
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     harness.quiet()
     comm = world()
     common.check_world(comm, args.nprocs, "straggler")
     harness.share_cores()
-    workload = harness.Workload.of(args.model, {"data_dir": args.data_dir, "cache_dir": args.cache_dir,
-                                                "batch_size": args.batch_size})
+    workload = harness.Workload.of(
+        args.model, {"data_dir": args.data_dir, "cache_dir": args.cache_dir, "batch_size": args.batch_size}
+    )
     workload.prepare()
     repetitions = [repetition(workload, args, i) for i in range(args.repeats)]
     if comm.rank == 0:
         summary = summarize(repetitions, args)
         by_factor = {row["factor"]: row["async_over_mpi_updates_per_s"]["median"] for row in summary["rows"]}
-        result = {"machine": common.machine(), "model": args.model, "data": workload.data, "nprocs": args.nprocs,
-                  "slowed_rank": comm.size - 1, "staleness": args.staleness, "metric": args.metric,
-                  "max_epochs": args.max_epochs or workload_epochs(workload, args.quick), "repeats": args.repeats,
-                  "quick": args.quick, **summary, "repetitions": repetitions,
-                  "async_over_mpi_updates_per_s_straggler3x": by_factor.get(3.0)}
+        result = {
+            "machine": common.machine(),
+            "model": args.model,
+            "data": workload.data,
+            "nprocs": args.nprocs,
+            "slowed_rank": comm.size - 1,
+            "staleness": args.staleness,
+            "metric": args.metric,
+            "max_epochs": args.max_epochs or workload_epochs(workload, args.quick),
+            "repeats": args.repeats,
+            "quick": args.quick,
+            **summary,
+            "repetitions": repetitions,
+            "async_over_mpi_updates_per_s_straggler3x": by_factor.get(3.0),
+        }
         path = common.write_results(args.results_dir, common.result_name("straggler", args.quick), result)
         plot(result, path.with_suffix(".png"))
         print(f"wrote {path}", flush=True)
@@ -243,24 +277,55 @@ def plot(result: dict, path: Path) -> Path:
 
     factors = [row["factor"] for row in result["rows"]]
     image = plots.canvas(3, 1)
-    plots.range_lines(image, plots.panel(0, 0), {name: (factors, [row[name]["updates_per_s"] for row in result["rows"]])
-                                                 for name in ("mpi", "async")},
-                      "updates/s, one worker slowed", "slow-down factor", "updates/s")
-    reached = {name: (factors, [row[name]["time_to_target_s"] or {"median": float("nan"), "min": float("nan"),
-                                                                   "max": float("nan")} for row in result["rows"]])
-               for name in ("mpi", "async")}
-    plots.range_lines(image, plots.panel(1, 0), reached, f"time to {result['metric']} >= target",
-                      "slow-down factor", "s")
+    plots.range_lines(
+        image,
+        plots.panel(0, 0),
+        {name: (factors, [row[name]["updates_per_s"] for row in result["rows"]]) for name in ("mpi", "async")},
+        "updates/s, one worker slowed",
+        "slow-down factor",
+        "updates/s",
+    )
+    reached = {
+        name: (
+            factors,
+            [
+                row[name]["time_to_target_s"] or {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+                for row in result["rows"]
+            ],
+        )
+        for name in ("mpi", "async")
+    }
+    plots.range_lines(
+        image, plots.panel(1, 0), reached, f"time to {result['metric']} >= target", "slow-down factor", "s"
+    )
     last = result["repetitions"][-1]
     worst = last["rows"][-1]
-    curves = {f"{name} x{worst['factor']}": ([p["seconds"] for p in worst[name]["curve"]],
-                                             [p["value"] for p in worst[name]["curve"]]) for name in ("mpi", "async")}
-    curves["mpi undisturbed"] = ([p["seconds"] for p in last["undisturbed"]["curve"]],
-                                 [p["value"] for p in last["undisturbed"]["curve"]])
-    plots.range_lines(image, plots.panel(2, 0), {}, f"{result['metric']} during training (last repetition)",
-                      "seconds", result["metric"], curves)
-    return plots.save(image, path, f"{result['model']} on {result['data']}, {result['nprocs']} processes, rank "
-                                   f"{result['slowed_rank']} slowed; {common.machine_line(result['machine'])}")
+    curves = {
+        f"{name} x{worst['factor']}": (
+            [p["seconds"] for p in worst[name]["curve"]],
+            [p["value"] for p in worst[name]["curve"]],
+        )
+        for name in ("mpi", "async")
+    }
+    curves["mpi undisturbed"] = (
+        [p["seconds"] for p in last["undisturbed"]["curve"]],
+        [p["value"] for p in last["undisturbed"]["curve"]],
+    )
+    plots.range_lines(
+        image,
+        plots.panel(2, 0),
+        {},
+        f"{result['metric']} during training (last repetition)",
+        "seconds",
+        result["metric"],
+        curves,
+    )
+    return plots.save(
+        image,
+        path,
+        f"{result['model']} on {result['data']}, {result['nprocs']} processes, rank "
+        f"{result['slowed_rank']} slowed; {common.machine_line(result['machine'])}",
+    )
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ samples/s: the training samples of all processes over the slowest process's time
 samples/s over N x ``single``'s, in the same run. Hidden communication share: per repetition,
 1 - communication of ``mpi`` / communication of ``mpi_no_overlap`` (the same exchange, not overlapped).
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 if __name__ == "__main__":  # the repository first: this file must not shadow the strategies package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -44,8 +44,14 @@ if __name__ == "__main__":  # the repository first: this file must not shadow th
 from benchmarks import common  # noqa: E402
 
 STRATEGIES_COMPARED = ("single", "ddp", "mpi", "mpi_no_overlap", "async", "hybrid")
-SPLIT = {"single": "local", "ddp": "switch", "mpi": "switch", "mpi_no_overlap": "switch", "async": "optimizer_step",
-         "hybrid": "bubble"}
+SPLIT = {
+    "single": "local",
+    "ddp": "switch",
+    "mpi": "switch",
+    "mpi_no_overlap": "switch",
+    "async": "optimizer_step",
+    "hybrid": "bubble",
+}
 VARIANTS = {"mpi_no_overlap": ("mpi", {"overlap": False})}  # name -> (strategy, its settings)
 PARTS = ("compute_s", "communication_s", "idle_s")
 
@@ -58,8 +64,11 @@ def parse_args(argv=None):
     p = common.parser(__doc__.splitlines()[0], nprocs=2)
     p.add_argument("--models", nargs="+", default=["cnn", "gcn"], help="each on its own default dataset")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES_COMPARED))
-    p.add_argument("--steps", type=int, help="timed steps per run (default 30, quick 3); ddp and mpi run as many "
-                                             "again with the exchange off")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="timed steps per run (default 30, quick 3); ddp and mpi run as many again with the exchange off",
+    )
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5, quick 1)")
     p.add_argument("--batch-size", type=int, help="per-process batch size; default: each dataset's own, quick 16")
     args = common.parse(p, argv)
@@ -75,13 +84,14 @@ def parse_args(argv=None):
 def not_applicable(workload, name: str, nprocs: int):
     """Why ``name`` cannot run ``workload`` on ``nprocs`` processes (the strategy's own check), or None."""
     from lightning_xd.errors import UserError
-    from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES, accepted_settings
+    from lightning_xd.launch.registry import DATAMODULES, MODELS, STRATEGIES, accepted_settings
 
     check = getattr(STRATEGIES.get(strategy_of(name)[0]).build, "check_settings", None)
     if check is None:
         return None
-    model = MODELS.build(workload.model, workload.settings,
-                         **DATAMODULES.build(workload.data, workload.settings).model_kwargs())
+    model = MODELS.build(
+        workload.model, workload.settings, **DATAMODULES.build(workload.data, workload.settings).model_kwargs()
+    )
     fixed = {"nprocs": nprocs, "model": model}
     try:
         check(**fixed, **accepted_settings(check, workload.settings, exclude=fixed))
@@ -110,7 +120,7 @@ def measure(workload, name: str, args) -> dict:
     """One run of one strategy: timed steps, then the figures of that run."""
     from benchmarks import harness
     from benchmarks import step_timer as st
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     processes = 1 if name == "single" else world().size
     threads = harness.share_cores(alone=name == "single")
@@ -122,52 +132,79 @@ def measure(workload, name: str, args) -> dict:
     per_rank = [timer.steps] if processes == 1 else timer.gather()
     step_s = st.step_seconds(per_rank)
     divisor = getattr(trainer.strategy, "stages", 1)
-    return {"samples_per_s": st.samples_per_s(per_rank, divisor), "step_s": step_s,
-            **split(method, per_rank, step_s, trainer), "processes": processes, "threads_per_process": threads,
-            "samples_per_step": sum(s.samples for steps in per_rank for s in steps if s.exchange) / divisor
-            / max(1, len(st.by_index(per_rank, True))),
-            "timed_steps": len(st.by_index(per_rank, True))}
+    return {
+        "samples_per_s": st.samples_per_s(per_rank, divisor),
+        "step_s": step_s,
+        **split(method, per_rank, step_s, trainer),
+        "processes": processes,
+        "threads_per_process": threads,
+        "samples_per_step": sum(s.samples for steps in per_rank for s in steps if s.exchange)
+        / divisor
+        / max(1, len(st.by_index(per_rank, True))),
+        "timed_steps": len(st.by_index(per_rank, True)),
+    }
 
 
 def compare(workload, args) -> dict:
     """Every strategy on ``workload``, ``repeats`` times in rotated order; medians, min and max."""
     from benchmarks import harness
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     workload.prepare()
-    skipped = {name: reason for name in args.strategies
-               if (reason := not_applicable(workload, name, 1 if name == "single" else args.nprocs))}
+    skipped = {
+        name: reason
+        for name in args.strategies
+        if (reason := not_applicable(workload, name, 1 if name == "single" else args.nprocs))
+    }
     names = [n for n in args.strategies if n not in skipped]
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for repetition in range(args.repeats):
-        for name in names[repetition % len(names):] + names[:repetition % len(names)]:
+        for name in names[repetition % len(names) :] + names[: repetition % len(names)]:
             if name == "single":
-                runs[name].append(harness.on_first_rank(lambda: measure(workload, name, args)))
+                runs[name].append(harness.on_first_rank(lambda: measure(workload, name, args)))  # noqa: B023 (called at once, inside the loop)
             else:
                 runs[name].append(measure(workload, name, args))
             if world().rank == 0:
                 r = runs[name][-1]
-                print(f"{workload.model} {name:14} repetition {repetition + 1}/{args.repeats}: "
-                      f"{r['samples_per_s']:9.1f} samples/s, step {1e3 * r['step_s']:7.2f} ms", flush=True)
+                print(
+                    f"{workload.model} {name:14} repetition {repetition + 1}/{args.repeats}: "
+                    f"{r['samples_per_s']:9.1f} samples/s, step {1e3 * r['step_s']:7.2f} ms",
+                    flush=True,
+                )
     return summarize(runs, skipped, workload, args)
 
 
 def summarize(runs: dict, skipped: dict, workload, args) -> dict:
-    figures = {name: {key: common.stats(r[key] for r in reps) if reps[0][key] is not None else None
-                      for key in ("samples_per_s", "step_s", *PARTS)}
-               | {"processes": reps[0]["processes"], "threads_per_process": reps[0]["threads_per_process"],
-                  "samples_per_step": reps[0]["samples_per_step"], "split_method": SPLIT[name]}
-               for name, reps in runs.items()}
+    figures = {
+        name: {
+            key: common.stats(r[key] for r in reps) if reps[0][key] is not None else None
+            for key in ("samples_per_s", "step_s", *PARTS)
+        }
+        | {
+            "processes": reps[0]["processes"],
+            "threads_per_process": reps[0]["threads_per_process"],
+            "samples_per_step": reps[0]["samples_per_step"],
+            "split_method": SPLIT[name],
+        }
+        for name, reps in runs.items()
+    }
     for name, reps in runs.items():
         if "bubble" in reps[0]:
             figures[name]["bubble"] = common.stats(r["bubble"] for r in reps)
     throughput = {name: [r["samples_per_s"] for r in reps] for name, reps in runs.items()}
-    result = {"data": workload.data, "settings": {k: v for k, v in workload.settings.items() if k != "cache_dir"},
-              "strategies": figures, "not_applicable": skipped, "repetitions": runs}
+    result = {
+        "data": workload.data,
+        "settings": {k: v for k, v in workload.settings.items() if k != "cache_dir"},
+        "strategies": figures,
+        "not_applicable": skipped,
+        "repetitions": runs,
+    }
     if "single" in throughput:
         result["scaling_efficiency"] = {
             name: common.ratio_stats(values, [figures[name]["processes"] * v for v in throughput["single"]])
-            for name, values in throughput.items() if name != "single"}
+            for name, values in throughput.items()
+            if name != "single"
+        }
     if "mpi" in throughput and "ddp" in throughput:
         result["mpi_over_ddp_samples_per_s"] = common.ratio_stats(throughput["mpi"], throughput["ddp"])
     if "mpi" in runs and "mpi_no_overlap" in runs:
@@ -175,10 +212,13 @@ def summarize(runs: dict, skipped: dict, workload, args) -> dict:
     return result
 
 
-def hidden_share(overlapped: list[dict], after_backward: list[dict]) -> Optional[dict]:
+def hidden_share(overlapped: list[dict], after_backward: list[dict]) -> dict | None:
     """Per repetition, the share of the exchange's cost that overlapping it with backward hid."""
-    shares = [1 - a["communication_s"] / b["communication_s"]
-              for a, b in zip(overlapped, after_backward) if b["communication_s"] > 0]
+    shares = [
+        1 - a["communication_s"] / b["communication_s"]
+        for a, b in zip(overlapped, after_backward)
+        if b["communication_s"] > 0
+    ]
     return common.stats(shares) if shares else None
 
 
@@ -190,18 +230,25 @@ def plot(result: dict, path: Path) -> Path:
     for row, model in enumerate(models):
         figures = result["models"][model]["strategies"]
         names = sorted(figures, key=lambda n: STRATEGIES_COMPARED.index(n))
-        plots.range_bars(image, plots.panel(0, row), names, [figures[n]["samples_per_s"] for n in names],
-                         f"{model} on {result['models'][model]['data']}, {result['nprocs']} processes",
-                         "samples/s")
-        parts = {p.removesuffix("_s"): [1e3 * figures[n][p]["median"] if figures[n][p] else None for n in names]
-                 for p in PARTS}
+        plots.range_bars(
+            image,
+            plots.panel(0, row),
+            names,
+            [figures[n]["samples_per_s"] for n in names],
+            f"{model} on {result['models'][model]['data']}, {result['nprocs']} processes",
+            "samples/s",
+        )
+        parts = {
+            p.removesuffix("_s"): [1e3 * figures[n][p]["median"] if figures[n][p] else None for n in names]
+            for p in PARTS
+        }
         plots.stacked_bars(image, plots.panel(1, row), names, parts, f"{model}: time per step (medians)", "ms")
     return plots.save(image, path, common.machine_line(result["machine"]))
 
 
 def run(args) -> None:
     from benchmarks import harness
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     harness.quiet()
     common.check_world(world(), args.nprocs, "strategies")
@@ -210,19 +257,31 @@ def run(args) -> None:
     for model in args.models:
         models[model] = compare(harness.Workload.of(model, settings), args)
     if world().rank == 0:
-        result = {"machine": common.machine(), "nprocs": args.nprocs, "repeats": args.repeats, "steps": args.steps,
-                  "warmup": args.warmup, "quick": args.quick, "models": models,
-                  "mpi_over_ddp_samples_per_s": {m: r["mpi_over_ddp_samples_per_s"] for m, r in models.items()
-                                                 if "mpi_over_ddp_samples_per_s" in r}}
+        result = {
+            "machine": common.machine(),
+            "nprocs": args.nprocs,
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "quick": args.quick,
+            "models": models,
+            "mpi_over_ddp_samples_per_s": {
+                m: r["mpi_over_ddp_samples_per_s"] for m, r in models.items() if "mpi_over_ddp_samples_per_s" in r
+            },
+        }
         path = common.write_results(args.results_dir, common.result_name("strategies", args.quick), result)
         plot(result, path.with_suffix(".png"))
         for model, ratio in result["mpi_over_ddp_samples_per_s"].items():
-            print(f"{model}: mpi / ddp samples/s = {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f})")
+            print(
+                f"{model}: mpi / ddp samples/s = {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f})"
+            )
         for model, figures in models.items():
             if figures.get("hidden_communication_share"):
                 share = figures["hidden_communication_share"]
-                print(f"{model}: communication hidden by overlap = {share['median']:.2f} "
-                      f"(min {share['min']:.2f}, max {share['max']:.2f})")
+                print(
+                    f"{model}: communication hidden by overlap = {share['median']:.2f} "
+                    f"(min {share['min']:.2f}, max {share['max']:.2f})"
+                )
         print(f"wrote {path}", flush=True)
 
 

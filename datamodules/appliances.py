@@ -13,10 +13,10 @@ flag; the other 25 columns made an LSTM overfit within a few epochs in our trial
 chronological (train, then validation, then test weeks); every window lies inside one part, and
 the scaling is fitted on the training part only.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_xd.data import cache_dir, digest, eval_sampler, load_or_build, require_files
 from lightning_xd.errors import DataError
-from lightning_xd.registry import DATAMODULES
+from lightning_xd.launch.registry import DATAMODULES
 
 CSV = "energydata_complete.csv"
 TARGET = "Appliances"
@@ -45,8 +45,11 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         end = self.starts[i] + self.window
-        return {"window": self.features[end - self.window:end], "target": self.target[end:end + self.horizon],
-                "last": self.target[end - 1]}
+        return {
+            "window": self.features[end - self.window : end],
+            "target": self.target[end : end + self.horizon],
+            "last": self.target[end - 1],
+        }
 
     def rows(self) -> tuple[int, int]:
         """First and last row any window of this dataset reads (its inputs and targets)."""
@@ -81,9 +84,17 @@ def calendar_features(num_rows: int) -> np.ndarray:
 
 @DATAMODULES.register("appliances")
 class AppliancesDataModule(LightningDataModule):
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 64,
-                 window: int = 36, horizon: int = 1, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 log_target: bool = True):
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        window: int = 36,
+        horizon: int = 1,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        log_target: bool = True,
+    ):
         super().__init__()
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.window, self.horizon, self.log_target = window, horizon, log_target
@@ -107,36 +118,48 @@ class AppliancesDataModule(LightningDataModule):
         """Consecutive row ranges: training weeks, then validation, then test; each must fit a window."""
         num_test, num_val = int(num_rows * self.test_fraction), int(num_rows * self.val_fraction)
         num_train = num_rows - num_val - num_test
-        parts = {"train": range(0, num_train), "val": range(num_train, num_train + num_val),
-                 "test": range(num_train + num_val, num_rows)}
+        parts = {
+            "train": range(0, num_train),
+            "val": range(num_train, num_train + num_val),
+            "test": range(num_train + num_val, num_rows),
+        }
         needed = self.window + self.horizon
         short = [name for name, rows in parts.items() if len(rows) < needed]
         if short:
-            raise DataError(f"{self.csv}: {num_rows} rows leave the {', '.join(short)} part(s) shorter than "
-                            f"--window {self.window} + --horizon {self.horizon}; expected more rows")
+            raise DataError(
+                f"{self.csv}: {num_rows} rows leave the {', '.join(short)} part(s) shorter than "
+                f"--window {self.window} + --horizon {self.horizon}; expected more rows"
+            )
         return parts
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         readings = self._readings()
         parts = self._split_rows(len(readings))
         target = np.log1p(readings) if self.log_target else readings
-        train_part = target[parts["train"].start:parts["train"].stop]
+        train_part = target[parts["train"].start : parts["train"].stop]
         self.target_mean, self.target_std = float(train_part.mean()), float(train_part.std()) or 1.0
         scaled = torch.tensor((target - self.target_mean) / self.target_std, dtype=torch.float32)
-        features = torch.cat([scaled.unsqueeze(1), torch.tensor(calendar_features(len(readings)),
-                                                                 dtype=torch.float32)], dim=1)
+        features = torch.cat(
+            [scaled.unsqueeze(1), torch.tensor(calendar_features(len(readings)), dtype=torch.float32)], dim=1
+        )
         span = self.window + self.horizon
-        self.datasets = {name: WindowDataset(features, scaled, range(rows.start, rows.stop - span + 1),
-                                             self.window, self.horizon)
-                         for name, rows in parts.items()}
+        self.datasets = {
+            name: WindowDataset(features, scaled, range(rows.start, rows.stop - span + 1), self.window, self.horizon)
+            for name, rows in parts.items()
+        }
 
     def model_kwargs(self) -> dict:
         self.setup()
-        return {"num_features": self.datasets["train"].features.shape[1], "horizon": self.horizon,
-                "target_mean": self.target_mean, "target_std": self.target_std, "log_target": self.log_target,
-                "prequential": False}
+        return {
+            "num_features": self.datasets["train"].features.shape[1],
+            "horizon": self.horizon,
+            "target_mean": self.target_mean,
+            "target_std": self.target_std,
+            "log_target": self.log_target,
+            "prequential": False,
+        }
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True)

@@ -12,12 +12,12 @@ Reference: a small CNN with batch norm and crop/flip augmentation reaches ~75-80
 A fixed, seeded ``val_size`` of the training images is held out for validation; the test set is
 the 10,000 official test images. Training images are randomly cropped (padding 4) and flipped.
 """
+
 from __future__ import annotations
 
 import hashlib
 import pickle
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_xd.data import cache_dir, digest, eval_sampler, load_or_build, require_files
 from lightning_xd.errors import DataError, UserError
+from lightning_xd.launch.registry import DATAMODULES
 from lightning_xd.progress import progress
-from lightning_xd.registry import DATAMODULES
 
 JPEG_FOLDER = "cifar10_jpg"
 PICKLE_FOLDER = "cifar-10-batches-py"
@@ -48,7 +48,7 @@ def random_crop_and_flip(image: torch.Tensor) -> torch.Tensor:
     # reflected borders look like image content; zero borders would teach the net a frame
     padded = F.pad(image[None], (PADDING,) * 4, mode="reflect")[0]
     top, left = torch.randint(0, 2 * PADDING + 1, (2,)).tolist()
-    crop = padded[:, top:top + SIZE, left:left + SIZE]
+    crop = padded[:, top : top + SIZE, left : left + SIZE]
     return crop.flip(-1) if torch.rand(()) < 0.5 else crop
 
 
@@ -81,8 +81,9 @@ def class_folders(split_dir: Path) -> list[str]:
 
 def jpeg_listing(root: Path, classes: list[str], split: str) -> list[tuple[Path, int]]:
     """(file, class id) of every JPEG of a split, in a fixed order."""
-    files = [(path, label) for label, name in enumerate(classes)
-             for path in sorted((root / split / name).glob("*.jpg"))]
+    files = [
+        (path, label) for label, name in enumerate(classes) for path in sorted((root / split / name).glob("*.jpg"))
+    ]
     if not files:
         raise DataError(f"CIFAR-10 JPEG layout: no .jpg files under {root / split}")
     return files
@@ -140,12 +141,18 @@ def listing_fingerprint(files: list[tuple[Path, int]], root: Path) -> str:
 
 @DATAMODULES.register("cifar10")
 class CIFAR10DataModule(LightningDataModule):
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 64,
-                 val_size: int = 1000, split_seed: int = 0):
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        val_size: int = 1000,
+        split_seed: int = 0,
+    ):
         super().__init__()
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.val_size, self.split_seed = val_size, split_seed
-        self.data: Optional[dict] = None
+        self.data: dict | None = None
         self.train_set = self.val_set = self.test_set = None
 
     def _decoded(self) -> dict:
@@ -153,13 +160,16 @@ class CIFAR10DataModule(LightningDataModule):
         pickles, jpegs = self.data_dir / PICKLE_FOLDER, self.data_dir / JPEG_FOLDER
         cache = cache_dir(self.data_dir, self.cache) / "cifar10"
         if pickles.is_dir():
-            paths = {split: require_files(pickles, names, "CIFAR-10 python batches")
-                     for split, names in PICKLE_FILES.items()}
+            paths = {
+                split: require_files(pickles, names, "CIFAR-10 python batches") for split, names in PICKLE_FILES.items()
+            }
             key = digest(paths["train"] + paths["test"], layout="python-batches")
             return load_or_build(cache / f"batches-{key}.pt", lambda: self._read_batches(paths), "CIFAR-10")
         if not jpegs.is_dir():
-            raise DataError(f"CIFAR-10: neither {jpegs}/{{train,test}}/<class>/*.jpg nor {pickles}/"
-                            "{data_batch_1..5,test_batch} found (set --data-dir or XD_DATA_DIR)")
+            raise DataError(
+                f"CIFAR-10: neither {jpegs}/{{train,test}}/<class>/*.jpg nor {pickles}/"
+                "{data_batch_1..5,test_batch} found (set --data-dir or XD_DATA_DIR)"
+            )
         classes = class_folders(jpegs / "train")
         if class_folders(jpegs / "test") != classes:
             raise DataError(f"CIFAR-10 JPEG layout: {jpegs}/test has other class folders than {jpegs}/train")
@@ -175,18 +185,23 @@ class CIFAR10DataModule(LightningDataModule):
 
     @staticmethod
     def _decode_jpegs(files: dict, classes: list[str]) -> dict:
-        return {"train": decode_split(files["train"], "train"), "test": decode_split(files["test"], "test"),
-                "classes": classes}
+        return {
+            "train": decode_split(files["train"], "train"),
+            "test": decode_split(files["test"], "test"),
+            "classes": classes,
+        }
 
     def prepare_data(self) -> None:
         self._check_val_size(len(self._decoded()["train"][1]))
 
     def _check_val_size(self, training_images: int) -> None:
         if not 0 < self.val_size < training_images:
-            raise UserError(f"--val-size {self.val_size} must be between 1 and {training_images - 1} "
-                            "(the number of training images minus one)")
+            raise UserError(
+                f"--val-size {self.val_size} must be between 1 and {training_images - 1} "
+                "(the number of training images minus one)"
+            )
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
         self.data = self._decoded()
@@ -200,7 +215,7 @@ class CIFAR10DataModule(LightningDataModule):
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices of the training and the held-out validation images: the same on every rank and every run."""
         order = torch.randperm(len(self.data["train"][1]), generator=torch.Generator().manual_seed(self.split_seed))
-        return order[self.val_size:], order[:self.val_size]
+        return order[self.val_size :], order[: self.val_size]
 
     def model_kwargs(self) -> dict:
         self.setup()

@@ -11,13 +11,13 @@ A batch is the whole graph plus ``node_index``, the labelled nodes it is scored 
 distributed sampler splits the training nodes over ranks; validation and test nodes are split
 so each is scored exactly once.
 """
+
 from __future__ import annotations
 
 import copy
 import shutil
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from lightning_xd.data import cache_dir, digest, download_missing, eval_sampler
 from lightning_xd.errors import DataError
-from lightning_xd.registry import DATAMODULES
+from lightning_xd.launch.registry import DATAMODULES
 
 RAW_FILES = [f"ind.cora.{s}" for s in ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")]
 PUBLIC_URL = "https://github.com/kimiyoung/planetoid/raw/master/data"
@@ -46,7 +46,7 @@ class WholeGraphWith:
 
 @DATAMODULES.register("cora")
 class CoraDataModule(LightningDataModule):
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 140):
+    def __init__(self, data_dir: str = "./data", cache_dir: str | None = None, batch_size: int = 140):
         super().__init__()
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.graph = None
@@ -73,13 +73,15 @@ class CoraDataModule(LightningDataModule):
         except Exception as err:  # a file that is not what Planetoid expects
             shutil.rmtree(root, ignore_errors=True)
             reason = str(err).splitlines()[0] if str(err) else "unreadable content"
-            raise DataError(f"Cora raw files in {self.raw_dir} could not be read ({type(err).__name__}: "
-                            f"{reason[:120]}); replace them with the Planetoid originals") from None
+            raise DataError(
+                f"Cora raw files in {self.raw_dir} could not be read ({type(err).__name__}: "
+                f"{reason[:120]}); replace them with the Planetoid originals"
+            ) from None
 
     def prepare_data(self) -> None:
         self._planetoid()
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.graph is None:
             graph = self._planetoid()[0]
             # 98.7% of the bag-of-words entries are zero: a sparse matrix makes the first layer and
@@ -97,13 +99,21 @@ class CoraDataModule(LightningDataModule):
         return mask.nonzero().view(-1).tolist()
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._nodes(self.graph.train_mask), batch_size=self.batch_size, shuffle=True,
-                          collate_fn=WholeGraphWith(self.graph))
+        return DataLoader(
+            self._nodes(self.graph.train_mask),
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=WholeGraphWith(self.graph),
+        )
 
     def _eval_loader(self, mask: torch.Tensor) -> DataLoader:
         nodes = self._nodes(mask)
-        return DataLoader(nodes, batch_size=len(nodes), sampler=eval_sampler(nodes, self.trainer),
-                          collate_fn=WholeGraphWith(self.graph))
+        return DataLoader(
+            nodes,
+            batch_size=len(nodes),
+            sampler=eval_sampler(nodes, self.trainer),
+            collate_fn=WholeGraphWith(self.graph),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.graph.val_mask)

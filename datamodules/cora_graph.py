@@ -9,15 +9,16 @@ training, 500 validation, 1,000 test nodes).
 Reference (probe accuracy on this split, Velickovic et al., Deep Graph Infomax, ICLR 2019):
 raw features 47.9%, DeepWalk + features 70.7%, DGI 82.3%; the target here is micro-F1 >= 0.75.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from datamodules.cora import RAW_FILES, CoraDataModule
-from datamodules.partitioned_graph import TEST, TRAIN, UNLABELLED, VAL, PartitionedGraphDataModule
-from lightning_xd.registry import DATAMODULES
+from lightning_xd.datamodules.cora import RAW_FILES, CoraDataModule
+from lightning_xd.datamodules.partitioned_graph import TEST, TRAIN, UNLABELLED, VAL, PartitionedGraphDataModule
+from lightning_xd.launch.registry import DATAMODULES
 
 
 @DATAMODULES.register("cora-graph")
@@ -37,5 +38,10 @@ class CoraGraphDataModule(PartitionedGraphDataModule):
         split = torch.full((cora.num_nodes,), UNLABELLED, dtype=torch.long)
         for code, mask in ((TRAIN, cora.train_mask), (VAL, cora.val_mask), (TEST, cora.test_mask)):
             split[mask] = code
-        return {"edge_index": cora.edge_index, "x": cora.x, "y": cora.y, "split": split,
-                "num_classes": int(cora.y.max()) + 1}
+        return {
+            "edge_index": cora.edge_index,
+            "x": cora.x,
+            "y": cora.y,
+            "split": split,
+            "num_classes": int(cora.y.max()) + 1,
+        }

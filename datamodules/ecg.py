@@ -12,10 +12,10 @@ training, validation and test parts in the same proportions. An autoencoder must
 normal looks like, so the training set keeps the normal beats of its part; validation and test
 keep every class, since the anomaly score is judged on both.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xd.data import cache_dir, digest, eval_sampler, load_or_build, require_files
 from lightning_xd.errors import DataError
-from lightning_xd.registry import DATAMODULES
+from lightning_xd.launch.registry import DATAMODULES
 
 BEATS_FILE = "ECG5000_TRAIN.txt"
 BEAT_LENGTH = 140
@@ -47,13 +47,15 @@ def read_beats(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if len(bad):
         raise DataError(f"{path}: row {bad[0] + 1} has class {classes[bad[0]]:g}; expected {expected}")
     if not np.isfinite(table).all():
-        raise DataError(f"{path}: row {np.flatnonzero(~np.isfinite(table).all(1))[0] + 1} holds NaN or inf; "
-                        f"expected {expected}")
+        raise DataError(
+            f"{path}: row {np.flatnonzero(~np.isfinite(table).all(1))[0] + 1} holds NaN or inf; expected {expected}"
+        )
     return table[:, 1:].astype(np.float32), classes.astype(np.int64)
 
 
-def stratified_split(classes: np.ndarray, val_fraction: float, test_fraction: float,
-                     seed: int) -> dict[str, np.ndarray]:
+def stratified_split(
+    classes: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
     """Row indices of each part: every class cut in the same proportions, in a seeded random order."""
     rng = np.random.default_rng(seed)
     parts = {"train": [], "val": [], "test": []}
@@ -61,15 +63,22 @@ def stratified_split(classes: np.ndarray, val_fraction: float, test_fraction: fl
         rows = rng.permutation(np.flatnonzero(classes == c))
         num_test, num_val = round(len(rows) * test_fraction), round(len(rows) * val_fraction)
         parts["test"].append(rows[:num_test])
-        parts["val"].append(rows[num_test:num_test + num_val])
-        parts["train"].append(rows[num_test + num_val:])
+        parts["val"].append(rows[num_test : num_test + num_val])
+        parts["train"].append(rows[num_test + num_val :])
     return {name: np.sort(np.concatenate(rows)) for name, rows in parts.items()}
 
 
 @DATAMODULES.register("ecg")
 class ECGDataModule(LightningDataModule):
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 16,
-                 val_fraction: float = 0.2, test_fraction: float = 0.3, split_seed: int = 0):
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        cache_dir: str | None = None,
+        batch_size: int = 16,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.3,
+        split_seed: int = 0,
+    ):
         super().__init__()
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
@@ -83,17 +92,21 @@ class ECGDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         self._beats()
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         beats, classes = self._beats()
         parts = stratified_split(classes, self.val_fraction, self.test_fraction, self.split_seed)
         parts["train"] = parts["train"][classes[parts["train"]] == NORMAL]
         if len(parts["train"]) == 0:
-            raise DataError(f"no normal (class {NORMAL}) beat in the training part of {BEATS_FILE}; "
-                            "expected normal beats to train the autoencoder on")
-        self.datasets = {name: TensorDataset(torch.from_numpy(beats[rows]), torch.from_numpy(classes[rows]))
-                         for name, rows in parts.items()}
+            raise DataError(
+                f"no normal (class {NORMAL}) beat in the training part of {BEATS_FILE}; "
+                "expected normal beats to train the autoencoder on"
+            )
+        self.datasets = {
+            name: TensorDataset(torch.from_numpy(beats[rows]), torch.from_numpy(classes[rows]))
+            for name, rows in parts.items()
+        }
 
     def model_kwargs(self) -> dict:
         return {"num_features": BEAT_LENGTH, "normal_class": NORMAL}

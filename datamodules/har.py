@@ -26,12 +26,12 @@ Unless ``batch_size`` (per process) is given, a training step takes 32 windows a
 processes (16 each on 2): the settings were validated with 32 windows per step, and 32 per process
 on 2 processes (64 a step, half the steps) scored lower on the held-out training users.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_xd.data import cache_dir, digest, load_or_build, rank_shard, require_files
 from lightning_xd.errors import DataError, UserError
+from lightning_xd.launch.registry import DATAMODULES
 from lightning_xd.progress import progress
-from lightning_xd.registry import DATAMODULES
 
 STEP_WINDOWS = 32  # windows per training step over all processes, unless --batch-size sets them per process
 ACTIVITIES = ("walking", "walking_upstairs", "walking_downstairs", "sitting", "standing", "lying")
@@ -49,7 +49,7 @@ BODY_AXIS = torch.tensor([1.0, 0.0, 0.0])  # the phone's x axis points along the
 RECORDING = re.compile(r"acc_exp(\d+)_user(\d+)\.txt")
 
 
-def random_rotation(max_degrees: float, axis: Optional[torch.Tensor] = None) -> torch.Tensor:
+def random_rotation(max_degrees: float, axis: torch.Tensor | None = None) -> torch.Tensor:
     """A 3x3 rotation by an angle uniform in [-max_degrees, max_degrees] about ``axis`` (default: uniformly random)."""
     if axis is None:
         axis = torch.randn(3)
@@ -67,8 +67,15 @@ class Windows(Dataset):
     about the phone's x axis, the body's long axis: lying on the back, a side or the front.
     """
 
-    def __init__(self, windows: torch.Tensor, labels: torch.Tensor, users: torch.Tensor,
-                 max_rotation_deg: float = 0.0, roll_label: Optional[int] = None, max_roll_deg: float = 0.0):
+    def __init__(
+        self,
+        windows: torch.Tensor,
+        labels: torch.Tensor,
+        users: torch.Tensor,
+        max_rotation_deg: float = 0.0,
+        roll_label: int | None = None,
+        max_roll_deg: float = 0.0,
+    ):
         self.windows, self.labels, self.users = windows, labels, users
         self.max_rotation_deg, self.roll_label, self.max_roll_deg = max_rotation_deg, roll_label, max_roll_deg
 
@@ -117,8 +124,10 @@ def read_signal(path: Path) -> np.ndarray:
         if values.ndim != 2 or values.shape[1] != 3 or not np.isfinite(values).all():
             raise ValueError(f"{values.shape[1] if values.ndim == 2 else '?'} columns or non-finite values")
     except Exception as err:  # empty, non-numeric or ragged rows
-        raise DataError(f"{path} is not a HAPT raw signal (expected 3 space-separated numbers per row): "
-                        f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}") from None
+        raise DataError(
+            f"{path} is not a HAPT raw signal (expected 3 space-separated numbers per row): "
+            f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
+        ) from None
     return values.astype(np.float32)
 
 
@@ -131,9 +140,11 @@ def read_labels(path: Path) -> np.ndarray:
         if rows.ndim != 2 or rows.shape[1] != 5:
             raise ValueError(f"{rows.shape[1] if rows.ndim == 2 else '?'} columns")
     except Exception as err:
-        raise DataError(f"{path} is not HAPT's labels.txt (expected 5 integers per row: experiment, user, "
-                        f"activity, first sample, last sample): {type(err).__name__}: "
-                        f"{(str(err).splitlines() or [''])[0][:100]}") from None
+        raise DataError(
+            f"{path} is not HAPT's labels.txt (expected 5 integers per row: experiment, user, "
+            f"activity, first sample, last sample): {type(err).__name__}: "
+            f"{(str(err).splitlines() or [''])[0][:100]}"
+        ) from None
     return rows
 
 
@@ -144,7 +155,7 @@ def cut_windows(signal: np.ndarray, segments: np.ndarray, window: int, step: int
         if not 1 <= first <= last <= len(signal):
             raise DataError(f"{where}: segment {first}-{last} is outside the recording's {len(signal)} samples")
         for start in range(first - 1, last - window + 1, step):
-            windows.append(signal[start:start + window].T)
+            windows.append(signal[start : start + window].T)
             labels.append(activity - 1)
     return windows, labels
 
@@ -158,10 +169,19 @@ def parse_users(text: str | int, flag: str) -> tuple[int, ...]:
 
 @DATAMODULES.register("har")
 class HARDataModule(LightningDataModule):
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: Optional[int] = None,
-                 window: int = 128, step: int = 64, train_users: str = "1,3,5,6,7,8",
-                 test_users: str = "2,4,9,10", val_user: int = 0, max_rotation_deg: float = 45.0,
-                 lying_roll_deg: float = 180.0):
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        cache_dir: str | None = None,
+        batch_size: int | None = None,
+        window: int = 128,
+        step: int = 64,
+        train_users: str = "1,3,5,6,7,8",
+        test_users: str = "2,4,9,10",
+        val_user: int = 0,
+        max_rotation_deg: float = 45.0,
+        lying_roll_deg: float = 180.0,
+    ):
         super().__init__()
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.window, self.step = window, step
@@ -170,12 +190,14 @@ class HARDataModule(LightningDataModule):
         self.test_users = parse_users(test_users, "--test-users")
         self.val_user = val_user
         if set(self.train_users) & set(self.test_users):
-            raise UserError(f"--train-users and --test-users share user(s) "
-                            f"{sorted(set(self.train_users) & set(self.test_users))}")
+            raise UserError(
+                f"--train-users and --test-users share user(s) {sorted(set(self.train_users) & set(self.test_users))}"
+            )
         if val_user != 0 and (val_user not in self.train_users or len(self.train_users) < 2):
-            raise UserError(f"--val-user {val_user} must be one of several --train-users {train_users} "
-                            "(or 0: hold no user out)")
-        self.data: Optional[dict] = None
+            raise UserError(
+                f"--val-user {val_user} must be one of several --train-users {train_users} (or 0: hold no user out)"
+            )
+        self.data: dict | None = None
         self.train_set = self.val_set = self.test_set = None
 
     @property
@@ -191,12 +213,14 @@ class HARDataModule(LightningDataModule):
             require_files(self.raw_dir, [gyro_name], f"HAPT gyroscope signal of {acc.name}")
             found[experiment] = (user, acc, self.raw_dir / gyro_name)
         if not found:
-            raise DataError(f"HAPT: no acc_expXX_userYY.txt in {self.raw_dir} (set --data-dir or XD_DATA_DIR "
-                            "to a folder laid out like ../shared/data)")
+            raise DataError(
+                f"HAPT: no acc_expXX_userYY.txt in {self.raw_dir} (set --data-dir or XD_DATA_DIR "
+                "to a folder laid out like ../shared/data)"
+            )
         return found
 
     def _windowed(self) -> dict:
-        labels_file, = require_files(self.raw_dir, ["labels.txt"], "HAPT activity labels")
+        (labels_file,) = require_files(self.raw_dir, ["labels.txt"], "HAPT activity labels")
         recordings = self.recordings()
         files = [labels_file] + [path for _, acc, gyro in recordings.values() for path in (acc, gyro)]
         key = digest(files, window=self.window, step=self.step)
@@ -214,10 +238,15 @@ class HARDataModule(LightningDataModule):
             labels += activities
             users += [user] * len(cut)
         if not windows:
-            raise DataError(f"{labels_file}: no segment of activities 1-6 is long enough for a {self.window}-sample "
-                            "window in the recordings present")
-        return {"windows": torch.from_numpy(np.stack(windows)), "labels": torch.tensor(labels),
-                "users": torch.tensor(users)}
+            raise DataError(
+                f"{labels_file}: no segment of activities 1-6 is long enough for a {self.window}-sample "
+                "window in the recordings present"
+            )
+        return {
+            "windows": torch.from_numpy(np.stack(windows)),
+            "labels": torch.tensor(labels),
+            "users": torch.tensor(users),
+        }
 
     def prepare_data(self) -> None:
         users = set(self._windowed()["users"].tolist())
@@ -225,7 +254,7 @@ class HARDataModule(LightningDataModule):
         if absent:  # said once here, before the ranks start, rather than by every rank in setup
             raise DataError(f"HAPT: no windows of user(s) {', '.join(map(str, absent))} in {self.raw_dir}")
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
         self.data = self._windowed()
@@ -238,8 +267,15 @@ class HARDataModule(LightningDataModule):
         chosen = torch.isin(self.data["users"], torch.tensor(users))
         if not chosen.any():
             raise DataError(f"HAPT: no windows of user(s) {', '.join(map(str, users))} in {self.raw_dir}")
-        turns = dict(max_rotation_deg=self.max_rotation_deg, roll_label=ACTIVITIES.index("lying"),
-                     max_roll_deg=self.lying_roll_deg) if augment else {}
+        turns = (
+            dict(
+                max_rotation_deg=self.max_rotation_deg,
+                roll_label=ACTIVITIES.index("lying"),
+                max_roll_deg=self.lying_roll_deg,
+            )
+            if augment
+            else {}
+        )
         return Windows(self.data["windows"][chosen], self.data["labels"][chosen], self.data["users"][chosen], **turns)
 
     def model_kwargs(self) -> dict:

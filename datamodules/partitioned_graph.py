@@ -18,13 +18,14 @@ The probe batch is the whole part, scored on its owned labelled nodes.
 
 Subclasses say where the graph comes from (``load_graph``) and register a name.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -58,8 +59,9 @@ def expand_rows(rowptr: Tensor, nodes: Tensor) -> tuple[Tensor, Tensor]:
     return owner, start[owner] + torch.arange(owner.numel()) - first[owner]
 
 
-def sample_neighbours(rowptr: Tensor, col: Tensor, nodes: Tensor, fanout: int,
-                      generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+def sample_neighbours(
+    rowptr: Tensor, col: Tensor, nodes: Tensor, fanout: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Up to ``fanout`` neighbours of every node (all of them when fewer, or when fanout < 0):
     (position of the node in ``nodes``, neighbour id) per sampled edge, grouped by node in the
     order of ``nodes``. Nodes with more neighbours than ``fanout`` draw them with replacement."""
@@ -79,8 +81,9 @@ def sample_neighbours(rowptr: Tensor, col: Tensor, nodes: Tensor, fanout: int,
     return owner[order], col[entry[order]]
 
 
-def random_walk_ends(rowptr: Tensor, col: Tensor, start: Tensor, length: int,
-                     generator: Optional[torch.Generator] = None) -> Tensor:
+def random_walk_ends(
+    rowptr: Tensor, col: Tensor, start: Tensor, length: int, generator: torch.Generator | None = None
+) -> Tensor:
     """The node reached after a uniform number (1..length) of random steps from each start node."""
     steps = torch.randint(1, length + 1, (start.numel(),), generator=generator)
     here = start.clone()
@@ -91,8 +94,9 @@ def random_walk_ends(rowptr: Tensor, col: Tensor, start: Tensor, length: int,
     return here
 
 
-def sampled_subgraph(rowptr: Tensor, col: Tensor, targets: Tensor, fanouts: list[int],
-                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, list[int]]:
+def sampled_subgraph(
+    rowptr: Tensor, col: Tensor, targets: Tensor, fanouts: list[int], generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, list[int]]:
     """The fixed-fanout multi-hop sample around ``targets``, as PyG's NeighborLoader returns it:
     nodes (``targets`` first, then each hop's new nodes), edges (neighbour -> node, in subgraph
     positions) and the number of nodes each hop added (``targets.numel()`` first)."""
@@ -112,6 +116,7 @@ def sampled_subgraph(rowptr: Tensor, col: Tensor, targets: Tensor, fanouts: list
 
 
 # ---- preparation: METIS parts with their halo ------------------------------------------
+
 
 def metis_membership(rowptr: Tensor, col: Tensor, parts: int) -> Tensor:
     """The part (0..parts-1) of every node, from METIS on the undirected graph."""
@@ -138,9 +143,16 @@ def graph_part(graph: dict, rowptr: Tensor, col: Tensor, membership: Tensor, par
     local_rowptr = torch.zeros(nodes.numel() + 1, dtype=torch.long)
     local_rowptr[1:] = torch.cumsum(torch.bincount(owner[kept], minlength=nodes.numel()), 0)
     link_nodes = graph.get("link_nodes")
-    return {"node_ids": nodes, "num_owned": owned.numel(), "rowptr": local_rowptr, "col": receiver[kept],
-            "x": graph["x"][nodes], "y": graph["y"][owned], "split": graph["split"][owned],
-            "link_nodes": None if link_nodes is None else link_nodes[nodes]}
+    return {
+        "node_ids": nodes,
+        "num_owned": owned.numel(),
+        "rowptr": local_rowptr,
+        "col": receiver[kept],
+        "x": graph["x"][nodes],
+        "y": graph["y"][owned],
+        "split": graph["split"][owned],
+        "link_nodes": None if link_nodes is None else link_nodes[nodes],
+    }
 
 
 def partition_summary(graph: dict, rowptr: Tensor, col: Tensor, membership: Tensor, parts: int) -> dict:
@@ -155,14 +167,21 @@ def partition_summary(graph: dict, rowptr: Tensor, col: Tensor, membership: Tens
         neighbour_of_owned = torch.zeros_like(owned)
         neighbour_of_owned[col[owned[sender]]] = True
         halo.append(int((neighbour_of_owned & ~owned).sum()))
-    return {"num_nodes": rowptr.numel() - 1, "num_edges": col.numel() // 2, "train_seeds": int(seeds.sum()),
-            "edge_cut": int((membership[sender] != membership[col]).sum()) // 2,
-            "owned": torch.bincount(membership, minlength=parts).tolist(), "halo": halo,
-            "num_features": graph["x"].shape[1], "label_shape": list(graph["y"].shape[1:]),
-            "num_classes": graph["num_classes"]}
+    return {
+        "num_nodes": rowptr.numel() - 1,
+        "num_edges": col.numel() // 2,
+        "train_seeds": int(seeds.sum()),
+        "edge_cut": int((membership[sender] != membership[col]).sum()) // 2,
+        "owned": torch.bincount(membership, minlength=parts).tolist(),
+        "halo": halo,
+        "num_features": graph["x"].shape[1],
+        "label_shape": list(graph["y"].shape[1:]),
+        "num_classes": graph["num_classes"],
+    }
 
 
 # ---- per-rank batches -----------------------------------------------------------------
+
 
 def identity(batch):
     return batch
@@ -172,7 +191,7 @@ def seed_nodes(part: dict) -> Tensor:
     """The owned nodes an epoch starts positive pairs from: those with a neighbour (inductive data:
     only nodes of the training graphs)."""
     rowptr, num_owned = part["rowptr"], part["num_owned"]
-    seeds = (rowptr[1:num_owned + 1] > rowptr[:num_owned]).nonzero().view(-1)
+    seeds = (rowptr[1 : num_owned + 1] > rowptr[:num_owned]).nonzero().view(-1)
     if part["link_nodes"] is not None:
         seeds = seeds[part["link_nodes"][seeds]]
     return seeds
@@ -181,14 +200,23 @@ def seed_nodes(part: dict) -> Tensor:
 class LinkBatches(IterableDataset):
     """One epoch of training batches of one rank: positive pairs, negatives, their sampled 2-hop subgraph."""
 
-    def __init__(self, part: dict, steps: int, batch_size: int, fanouts: list[int], num_negatives: int,
-                 walk_length: int, seed: int):
+    def __init__(
+        self,
+        part: dict,
+        steps: int,
+        batch_size: int,
+        fanouts: list[int],
+        num_negatives: int,
+        walk_length: int,
+        seed: int,
+    ):
         self.part, self.steps, self.batch_size, self.fanouts = part, steps, batch_size, fanouts
         self.num_negatives, self.walk_length, self.seed, self.epoch = num_negatives, walk_length, seed, 0
         self.sources = seed_nodes(part)
         num_local = part["rowptr"].numel() - 1
-        self.candidates = (torch.arange(num_local) if part["link_nodes"] is None
-                           else part["link_nodes"].nonzero().view(-1))
+        self.candidates = (
+            torch.arange(num_local) if part["link_nodes"] is None else part["link_nodes"].nonzero().view(-1)
+        )
         self.candidate_position = torch.full((num_local,), -1, dtype=torch.long)
         self.candidate_position[self.candidates] = torch.arange(self.candidates.numel())
 
@@ -203,7 +231,7 @@ class LinkBatches(IterableDataset):
         repeats = math.ceil(self.steps * self.batch_size / self.sources.numel())
         order = torch.cat([torch.randperm(self.sources.numel(), generator=generator) for _ in range(repeats)])
         for step in range(self.steps):
-            seeds = self.sources[order[step * self.batch_size:(step + 1) * self.batch_size]]
+            seeds = self.sources[order[step * self.batch_size : (step + 1) * self.batch_size]]
             yield self.batch(seeds, generator)
 
     def positives(self, seeds: Tensor, generator: torch.Generator) -> Tensor:
@@ -218,8 +246,11 @@ class LinkBatches(IterableDataset):
         owner, entry = expand_rows(rowptr, seeds)
         known = torch.stack([owner, self.candidate_position[col[entry]]])
         known = known[:, known[1] >= 0]
-        pairs = negative_sampling(known, num_nodes=(seeds.numel(), self.candidates.numel()),
-                                  num_neg_samples=seeds.numel() * self.num_negatives)
+        pairs = negative_sampling(
+            known,
+            num_nodes=(seeds.numel(), self.candidates.numel()),
+            num_neg_samples=seeds.numel() * self.num_negatives,
+        )
         return seeds[pairs[0]], self.candidates[pairs[1]]
 
     def batch(self, seeds: Tensor, generator: torch.Generator) -> Data:
@@ -227,13 +258,20 @@ class LinkBatches(IterableDataset):
         negative_seeds, negatives = self.negatives(seeds)
         ends = torch.cat([seeds, partners, negative_seeds, negatives])
         targets, where = torch.unique(ends, return_inverse=True)
-        nodes, edge_index, hop_nodes = sampled_subgraph(self.part["rowptr"], self.part["col"], targets,
-                                                        self.fanouts, generator)
+        nodes, edge_index, hop_nodes = sampled_subgraph(
+            self.part["rowptr"], self.part["col"], targets, self.fanouts, generator
+        )
         b, n = seeds.numel(), negatives.numel()
-        return Data(x=self.part["x"][nodes], n_id=self.part["node_ids"][nodes], edge_index=edge_index,
-                    num_nodes=nodes.numel(), hop_nodes=hop_nodes,
-                    pos_pairs=torch.stack([where[:b], where[b:2 * b]]),
-                    neg_pairs=torch.stack([where[2 * b:2 * b + n], where[2 * b + n:]]), batch_size=b)
+        return Data(
+            x=self.part["x"][nodes],
+            n_id=self.part["node_ids"][nodes],
+            edge_index=edge_index,
+            num_nodes=nodes.numel(),
+            hop_nodes=hop_nodes,
+            pos_pairs=torch.stack([where[:b], where[b : 2 * b]]),
+            neg_pairs=torch.stack([where[2 * b : 2 * b + n], where[2 * b + n :]]),
+            batch_size=b,
+        )
 
 
 class WholePart(IterableDataset):
@@ -246,11 +284,19 @@ class WholePart(IterableDataset):
         part = self.part
         owned_split = part["split"]
         targets = (owned_split != UNLABELLED).nonzero().view(-1)
-        sender = torch.repeat_interleave(torch.arange(part["rowptr"].numel() - 1),
-                                         part["rowptr"][1:] - part["rowptr"][:-1])
-        yield Data(x=part["x"], n_id=part["node_ids"], edge_index=torch.stack([part["col"], sender]),
-                   num_nodes=part["x"].shape[0], targets=targets, y=part["y"][targets],
-                   split=owned_split[targets], batch_size=targets.numel())
+        sender = torch.repeat_interleave(
+            torch.arange(part["rowptr"].numel() - 1), part["rowptr"][1:] - part["rowptr"][:-1]
+        )
+        yield Data(
+            x=part["x"],
+            n_id=part["node_ids"],
+            edge_index=torch.stack([part["col"], sender]),
+            num_nodes=part["x"].shape[0],
+            targets=targets,
+            y=part["y"][targets],
+            split=owned_split[targets],
+            batch_size=targets.numel(),
+        )
 
 
 def parse_fanouts(fanouts: str) -> list[int]:
@@ -271,16 +317,28 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
 
     name = "graph"  # names the cache folder of the parts
 
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 64,
-                 fanouts: str = "10,10", num_negatives: int = 5, walk_length: int = 3, seed: int = 0,
-                 nprocs: int = 1):
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        fanouts: str = "10,10",
+        num_negatives: int = 5,
+        walk_length: int = 3,
+        seed: int = 0,
+        nprocs: int = 1,
+    ):
         super().__init__()
         self.nprocs = nprocs  # train.py's --nprocs: the number of parts, known before the job starts
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
-        self.fanouts, self.num_negatives, self.walk_length, self.seed = (parse_fanouts(fanouts), num_negatives,
-                                                                         walk_length, seed)
-        self.part: Optional[dict] = None
-        self.summary: Optional[dict] = None
+        self.fanouts, self.num_negatives, self.walk_length, self.seed = (
+            parse_fanouts(fanouts),
+            num_negatives,
+            walk_length,
+            seed,
+        )
+        self.part: dict | None = None
+        self.summary: dict | None = None
 
     @abstractmethod
     def load_graph(self) -> dict:
@@ -313,15 +371,19 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
         rowptr, col = to_csr(graph["edge_index"], graph["x"].shape[0])
         membership = metis_membership(rowptr, col, parts)
         for p in range(parts):
-            load_or_build(folder / f"part{p}.pt", lambda: graph_part(graph, rowptr, col, membership, p),
-                          f"graph part {p}")
-        load_or_build(folder / "summary.pt", lambda: partition_summary(graph, rowptr, col, membership, parts),
-                      "partition summary")
+            load_or_build(
+                folder / f"part{p}.pt",
+                lambda: graph_part(graph, rowptr, col, membership, p),  # noqa: B023 (called at once, in the loop)
+                f"graph part {p}",
+            )
+        load_or_build(
+            folder / "summary.pt", lambda: partition_summary(graph, rowptr, col, membership, parts), "partition summary"
+        )
 
     def prepare_data(self) -> None:
         self._prepare(self._world()[1])
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.part is not None:
             return
         rank, parts = self._world()
@@ -330,8 +392,10 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
         self.part = torch.load(folder / f"part{rank}.pt", weights_only=False)
         self.summary = torch.load(folder / "summary.pt", weights_only=False)
         s = self.summary
-        log.info(f"{self.name}: {s['num_nodes']:,} nodes, {s['num_edges']:,} edges in {parts} METIS part(s); "
-                 f"edge cut {s['edge_cut']:,}; owned nodes per rank {s['owned']}, halo nodes per rank {s['halo']}")
+        log.info(
+            f"{self.name}: {s['num_nodes']:,} nodes, {s['num_edges']:,} edges in {parts} METIS part(s); "
+            f"edge cut {s['edge_cut']:,}; owned nodes per rank {s['owned']}, halo nodes per rank {s['halo']}"
+        )
 
     def model_kwargs(self) -> dict:
         self.setup()
@@ -341,8 +405,15 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
         _, parts = self._world()
         steps = max(1, math.ceil(self.summary["train_seeds"] / (parts * self.batch_size)))
         rank = self._world()[0]
-        batches = LinkBatches(self.part, steps, self.batch_size, self.fanouts, self.num_negatives,
-                              self.walk_length, seed=self.seed * 1_000 + rank)
+        batches = LinkBatches(
+            self.part,
+            steps,
+            self.batch_size,
+            self.fanouts,
+            self.num_negatives,
+            self.walk_length,
+            seed=self.seed * 1_000 + rank,
+        )
         return DataLoader(batches, batch_size=None, collate_fn=identity)
 
     def test_dataloader(self) -> DataLoader:
@@ -352,7 +423,7 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
         return self.test_dataloader()  # the same embeddings; the probe reports its validation score
 
 
-def _job_rank_and_size() -> Optional[tuple[int, int]]:
+def _job_rank_and_size() -> tuple[int, int] | None:
     """Rank and size of the MPI job this process runs in, before a Trainer exists; None outside one."""
     import os
 

@@ -10,6 +10,7 @@ graphs only, and the probe embeds the unseen validation and test graphs inductiv
 Reference: micro-F1 0.465 (GraphSAGE-mean) to 0.502 (GraphSAGE-LSTM), unsupervised, Hamilton et
 al., NeurIPS 2017, Table 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.partitioned_graph import TEST, TRAIN, VAL, PartitionedGraphDataModule
 from lightning_xd.data import require_files
+from lightning_xd.datamodules.partitioned_graph import TEST, TRAIN, VAL, PartitionedGraphDataModule
 from lightning_xd.errors import DataError
-from lightning_xd.registry import DATAMODULES
+from lightning_xd.launch.registry import DATAMODULES
 
 SPLITS = {"train": TRAIN, "valid": VAL, "test": TEST}
 PARTS = ["graph.json", "feats.npy", "labels.npy", "graph_id.npy"]
@@ -34,8 +35,9 @@ def read_links(path: Path) -> tuple[int, torch.Tensor]:
         position = {node["id"]: i for i, node in enumerate(graph["nodes"])}
         links = [(position[link["source"]], position[link["target"]]) for link in graph["links"]]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise DataError(f"{path} is not node-link graph JSON (keys 'nodes' with 'id', 'links' with "
-                        "'source' and 'target')") from None
+        raise DataError(
+            f"{path} is not node-link graph JSON (keys 'nodes' with 'id', 'links' with 'source' and 'target')"
+        ) from None
     return len(position), torch.tensor(links, dtype=torch.long).view(-1, 2).t()
 
 
@@ -78,9 +80,17 @@ class PPIDataModule(PartitionedGraphDataModule):
         key = torch.unique(both[0] * offset + both[1])
         split = torch.cat(splits)
         try:
-            x, y = torch.as_tensor(np.concatenate(features), dtype=torch.float), torch.as_tensor(
-                np.concatenate(labels), dtype=torch.long)
+            x, y = (
+                torch.as_tensor(np.concatenate(features), dtype=torch.float),
+                torch.as_tensor(np.concatenate(labels), dtype=torch.long),
+            )
         except ValueError:
             raise DataError(f"PPI feature or label arrays in {self.raw_dir} differ in width between splits") from None
-        return {"edge_index": torch.stack([key // offset, key % offset]), "x": x, "y": y, "split": split,
-                "num_classes": y.shape[1], "link_nodes": split == TRAIN}
+        return {
+            "edge_index": torch.stack([key // offset, key % offset]),
+            "x": x,
+            "y": y,
+            "split": split,
+            "num_classes": y.shape[1],
+            "link_nodes": split == TRAIN,
+        }

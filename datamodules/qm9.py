@@ -14,11 +14,11 @@ target's own units).
 Reference: Gilmer et al. reach a ``mu`` MAE of 0.030 D with 110k training molecules; with 2,400
 the bar is the MAE of predicting the training mean.
 """
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -27,8 +27,8 @@ from torch_geometric.loader import DataLoader
 
 from lightning_xd.data import cache_dir, digest, eval_sampler, load_or_build, require_files
 from lightning_xd.errors import DataError, UserError
+from lightning_xd.launch.registry import DATAMODULES
 from lightning_xd.progress import progress
-from lightning_xd.registry import DATAMODULES
 
 TARGETS = ["mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "u0", "u298", "h298", "g298", "cv"]
 ELEMENTS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
@@ -57,14 +57,15 @@ def read_xyz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         lines = path.read_text().splitlines()
         count = int(lines[0])
-        atoms = [line.split() for line in lines[2:2 + count]]
+        atoms = [line.split() for line in lines[2 : 2 + count]]
         if len(atoms) != count or any(len(a) < 4 for a in atoms):
             raise ValueError
         z = torch.tensor([ELEMENTS[a[0]] for a in atoms])
         pos = torch.tensor([[float(v) for v in a[1:4]] for a in atoms])
     except (ValueError, IndexError, KeyError, UnicodeDecodeError):
-        raise DataError(f"{path} is not an XYZ file of H/C/N/O/F atoms (atom count, comment line, then "
-                        "'symbol x y z' per atom)") from None
+        raise DataError(
+            f"{path} is not an XYZ file of H/C/N/O/F atoms (atom count, comment line, then 'symbol x y z' per atom)"
+        ) from None
     return z, pos
 
 
@@ -77,8 +78,9 @@ def read_targets(csv: Path) -> tuple[list[str], torch.Tensor]:
         ids = table["mol_id"].astype(str).tolist()
         values = torch.tensor(table[TARGETS].to_numpy(dtype="float64"), dtype=torch.float)
     except Exception as err:  # pandas raises many kinds: unreadable text, missing or non-numeric columns
-        raise DataError(f"{csv} is not a QM9 table with columns mol_id, {', '.join(TARGETS)} "
-                        f"({type(err).__name__})") from None
+        raise DataError(
+            f"{csv} is not a QM9 table with columns mol_id, {', '.join(TARGETS)} ({type(err).__name__})"
+        ) from None
     if not ids or torch.isnan(values).any():
         raise DataError(f"{csv} has no rows or empty target values; expected one numeric row per molecule")
     return ids, values
@@ -86,14 +88,20 @@ def read_targets(csv: Path) -> tuple[list[str], torch.Tensor]:
 
 @DATAMODULES.register("qm9")
 class QM9DataModule(LightningDataModule):
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 32,
-                 target: str = "mu", split_seed: int = 0):
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        cache_dir: str | None = None,
+        batch_size: int = 32,
+        target: str = "mu",
+        split_seed: int = 0,
+    ):
         super().__init__()
         if target not in TARGETS:
             raise UserError(f"--target {target!r} is not a QM9 target; choose one of {', '.join(TARGETS)}")
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.target, self.split_seed = target, split_seed
-        self.splits: Optional[dict[str, list[Data]]] = None
+        self.splits: dict[str, list[Data]] | None = None
 
     @property
     def subset_dir(self) -> Path:
@@ -116,8 +124,10 @@ class QM9DataModule(LightningDataModule):
 
     def _build_from_subset(self, files: list[Path]) -> list[Data]:
         ids, targets = read_targets(files[0])
-        return [molecule_graph(*read_xyz(path), y) for path, y in
-                progress(zip(files[1:], targets), "QM9: building molecule graphs", total=len(ids))]
+        return [
+            molecule_graph(*read_xyz(path), y)
+            for path, y in progress(zip(files[1:], targets), "QM9: building molecule graphs", total=len(ids))
+        ]
 
     def _build_from_pyg(self, files: list[Path]) -> list[Data]:
         from torch_geometric.datasets import QM9
@@ -132,11 +142,15 @@ class QM9DataModule(LightningDataModule):
             molecules = QM9(str(root))
         except Exception as err:  # PyG's own loader found something it cannot read
             shutil.rmtree(root, ignore_errors=True)
-            raise DataError(f"PyG QM9 folder {self.pyg_dir} could not be read ({type(err).__name__}); "
-                            "expected PyG's qm9_v3.pt or data_v3.pt") from None
+            raise DataError(
+                f"PyG QM9 folder {self.pyg_dir} could not be read ({type(err).__name__}); "
+                "expected PyG's qm9_v3.pt or data_v3.pt"
+            ) from None
         # PyG's first 12 columns are the 12 standard targets, in our order
-        return [molecule_graph(m.z, m.pos, m.y[0, :len(TARGETS)])
-                for m in progress(molecules, "QM9: building molecule graphs", total=len(molecules))]
+        return [
+            molecule_graph(m.z, m.pos, m.y[0, : len(TARGETS)])
+            for m in progress(molecules, "QM9: building molecule graphs", total=len(molecules))
+        ]
 
     def _molecules(self) -> list[Data]:
         files = self._source_files()
@@ -147,7 +161,7 @@ class QM9DataModule(LightningDataModule):
     def prepare_data(self) -> None:
         self._molecules()
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
         molecules = self._molecules()
@@ -156,18 +170,22 @@ class QM9DataModule(LightningDataModule):
             m.target = m.y[:, column]
         order = torch.randperm(len(molecules), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
         n_train, n_val = int(0.8 * len(molecules)), int(0.1 * len(molecules))
-        parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+        parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
         self.splits = {name: [molecules[i] for i in index] for name, index in parts.items()}
         if min(len(s) for s in self.splits.values()) == 0:
-            raise DataError(f"QM9 data in {self.data_dir} has {len(molecules)} molecules; the 80/10/10 split "
-                            "needs at least 10")
+            raise DataError(
+                f"QM9 data in {self.data_dir} has {len(molecules)} molecules; the 80/10/10 split needs at least 10"
+            )
 
     def model_kwargs(self) -> dict:
         self.setup()
         train_targets = torch.cat([m.target for m in self.splits["train"]])
-        return {"num_features": self.splits["train"][0].x.shape[1], "target": self.target,
-                "target_mean": float(train_targets.mean()),
-                "target_std": float(train_targets.std())}
+        return {
+            "num_features": self.splits["train"][0].x.shape[1],
+            "target": self.target,
+            "target_mean": float(train_targets.mean()),
+            "target_std": float(train_targets.std()),
+        }
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         batch.batch_size = batch.num_graphs  # samples are molecules (RunSummary counts them), not atoms

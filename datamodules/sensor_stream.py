@@ -32,12 +32,13 @@ later epochs follow on the same clock. A batch is served once the last reading i
 last target) has arrived; if training falls behind, arrived readings wait and are served at
 once, none dropped. Only the training stream is paced: the held-out tail is scored at once.
 """
+
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_xd.data import cache_dir, digest, load_or_build, rank_shard, require_files
 from lightning_xd.errors import DataError, UserError
-from lightning_xd.registry import DATAMODULES
+from lightning_xd.launch.registry import DATAMODULES
 
 OCCUPANCY_FILES = ("datatest.txt", "datatraining.txt", "datatest2.txt")  # in time order
 INTEL_FILES = ("intelTemperatureTrain.csv", "intelTemperatureTest.csv")
@@ -80,8 +81,10 @@ def read_occupancy(paths: list[Path]) -> Recording:
         if len(values) == 0 or not np.isfinite(values).all():
             raise DataError(f"{path} has no readings or a missing Temperature; expected {expected}")
         if not stamps.is_monotonic_increasing or (previous_end is not None and stamps.iloc[0] <= previous_end):
-            raise DataError(f"{path}: readings are not in time order after {', '.join(OCCUPANCY_FILES[:number])}; "
-                            f"expected {expected}")
+            raise DataError(
+                f"{path}: readings are not in time order after {', '.join(OCCUPANCY_FILES[:number])}; "
+                f"expected {expected}"
+            )
         previous_end = stamps.iloc[-1]
         temperatures.append(values)
         segments.append(np.full(len(values), number))
@@ -100,8 +103,10 @@ def read_intel(paths: list[Path]) -> Recording:
         if not np.isfinite(parts[-1]).all():
             raise DataError(f"{path} holds NaN or inf; expected {expected}")
     if parts[0].shape[0] != parts[1].shape[0]:
-        raise DataError(f"{paths[1]} has {parts[1].shape[0]} sensors but {paths[0].name} has {parts[0].shape[0]}; "
-                        f"expected the same sensors in both")
+        raise DataError(
+            f"{paths[1]} has {parts[1].shape[0]} sensors but {paths[0].name} has {parts[0].shape[0]}; "
+            f"expected the same sensors in both"
+        )
     sensors = np.concatenate(parts, axis=1)
     return Recording(sensors, np.zeros(sensors.shape[1], dtype=np.int64))
 
@@ -114,18 +119,26 @@ class SensorStream(IterableDataset):
     seconds after the first reading the stream serves (``first``), on a monotonic clock.
     """
 
-    def __init__(self, sensors: torch.Tensor, sensor_ids: list[int], ends: np.ndarray, window: int, steps: int,
-                 stretch: Callable[[], tuple[int, int]] = lambda: (0, 1), rate: float = 0.0):
+    def __init__(
+        self,
+        sensors: torch.Tensor,
+        sensor_ids: list[int],
+        ends: np.ndarray,
+        window: int,
+        steps: int,
+        stretch: Callable[[], tuple[int, int]] = lambda: (0, 1),
+        rate: float = 0.0,
+    ):
         self.sensors, self.sensor_ids, self.ends = sensors, sensor_ids, ends
         self.window, self.steps, self.stretch, self.rate = window, steps, stretch, rate
-        self.clock: Optional[tuple[float, int]] = None  # (monotonic time, time step) of the first reading
+        self.clock: tuple[float, int] | None = None  # (monotonic time, time step) of the first reading
 
     def _ends_of_this_epoch(self) -> np.ndarray:
         epoch, epochs = self.stretch()
         if epochs == 1:
             return self.ends
         length = len(self.ends) // epochs // self.steps * self.steps  # whole batches, the same every epoch
-        return self.ends[epoch * length:(epoch + 1) * length]
+        return self.ends[epoch * length : (epoch + 1) * length]
 
     def __len__(self) -> int:
         return -(-len(self._ends_of_this_epoch()) // self.steps)
@@ -135,7 +148,7 @@ class SensorStream(IterableDataset):
         if self.rate > 0 and self.clock is None and len(ends):
             self.clock = (time.monotonic(), int(ends[0]) + 1)
         for first in range(0, len(ends), self.steps):
-            batch_ends = ends[first:first + self.steps]
+            batch_ends = ends[first : first + self.steps]
             if self.rate > 0:
                 self._wait_for_reading(int(batch_ends[-1]) + 1)  # the batch's last target
             yield self._batch(batch_ends)
@@ -159,16 +172,28 @@ class SensorStream(IterableDataset):
         levels = self.sensors[sensors.unsqueeze(1), times.unsqueeze(1) + torch.arange(-self.window + 1, 1)]
         last = levels[:, -1]
         changes = levels.diff(dim=1, prepend=levels[:, :1])
-        return {"window": torch.stack([levels - last.unsqueeze(1), changes], dim=2),
-                "target": self.sensors[sensors, times + 1].unsqueeze(1), "last": last,
-                "time": times + 1, "sensor": sensors}
+        return {
+            "window": torch.stack([levels - last.unsqueeze(1), changes], dim=2),
+            "target": self.sensors[sensors, times + 1].unsqueeze(1),
+            "last": last,
+            "time": times + 1,
+            "sensor": sensors,
+        }
 
 
 @DATAMODULES.register("sensor-stream")
 class SensorStreamDataModule(LightningDataModule):
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 8,
-                 source: str = "occupancy", window: int = 24, calibration_fraction: float = 0.1,
-                 test_fraction: float = 0.2, stream_rate: float = 0.0):
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        cache_dir: str | None = None,
+        batch_size: int = 8,
+        source: str = "occupancy",
+        window: int = 24,
+        calibration_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        stream_rate: float = 0.0,
+    ):
         super().__init__()
         if source not in SOURCES:
             raise UserError(f"--source {source!r} is not one of {', '.join(SOURCES)}")
@@ -178,8 +203,8 @@ class SensorStreamDataModule(LightningDataModule):
         self.source, self.window = source, window
         self.calibration_fraction, self.test_fraction = calibration_fraction, test_fraction
         self.stream_rate = stream_rate
-        self.recording: Optional[Recording] = None
-        self.scaled: Optional[torch.Tensor] = None
+        self.recording: Recording | None = None
+        self.scaled: torch.Tensor | None = None
         self.mean = self.std = None
 
     def _recording(self) -> Recording:
@@ -197,39 +222,50 @@ class SensorStreamDataModule(LightningDataModule):
         num_times = recording.num_times
         calibration = int(num_times * self.calibration_fraction)
         test = num_times - int(num_times * self.test_fraction)
-        stretches = {"calibration": range(0, max(calibration, 1)), "stream": range(calibration, test),
-                     "test": range(test, num_times)}
+        stretches = {
+            "calibration": range(0, max(calibration, 1)),
+            "stream": range(calibration, test),
+            "test": range(test, num_times),
+        }
         if min(len(stretches["stream"]), len(stretches["test"])) <= self.window:
-            raise DataError(f"{self.source} readings: {num_times} time steps leave the stream or the test tail "
-                            f"no longer than --window {self.window}; expected a longer recording")
+            raise DataError(
+                f"{self.source} readings: {num_times} time steps leave the stream or the test tail "
+                f"no longer than --window {self.window}; expected a longer recording"
+            )
         return stretches
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.recording is not None:
             return
         self.recording = self._recording()
         calibration = self._stretches(self.recording)["calibration"]
-        fitted_on = self.recording.sensors[:, calibration.start:calibration.stop]
+        fitted_on = self.recording.sensors[:, calibration.start : calibration.stop]
         self.mean, self.std = float(fitted_on.mean()), float(fitted_on.std()) or 1.0
         self.scaled = torch.tensor((self.recording.sensors - self.mean) / self.std, dtype=torch.float32)
 
     def model_kwargs(self) -> dict:
         self.setup()
-        return {"num_features": 2, "horizon": 1, "target_mean": self.mean, "target_std": self.std,
-                "log_target": False, "prequential": True}
+        return {
+            "num_features": 2,
+            "horizon": 1,
+            "target_mean": self.mean,
+            "target_std": self.std,
+            "log_target": False,
+            "prequential": True,
+        }
 
     def shard(self, times: range, rank: int, num_shards: int) -> tuple[list[int], np.ndarray]:
         """This rank's sensors and window ends in ``times``: as many ends as every other rank has."""
         shares = [self._share(times, r, num_shards) for r in range(num_shards)]
         sensor_ids, ends = shares[rank]
-        return sensor_ids, ends[:min(len(e) for _, e in shares)]
+        return sensor_ids, ends[: min(len(e) for _, e in shares)]
 
     def _share(self, times: range, rank: int, num_shards: int) -> tuple[list[int], np.ndarray]:
         num_sensors = self.recording.sensors.shape[0]
         if num_sensors >= num_shards:  # deal the sensors out; each rank gets the same number
-            return list(range(rank, num_sensors, num_shards))[:num_sensors // num_shards], self._ends(times)
+            return list(range(rank, num_sensors, num_shards))[: num_sensors // num_shards], self._ends(times)
         length = len(times) // num_shards  # one sensor: each rank replays its own stretch of time
-        return list(range(num_sensors)), self._ends(times[rank * length:(rank + 1) * length])
+        return list(range(num_sensors)), self._ends(times[rank * length : (rank + 1) * length])
 
     def _ends(self, times: range) -> np.ndarray:
         """Last readings of the windows inside ``times`` whose window and next reading are unbroken."""
@@ -237,8 +273,9 @@ class SensorStreamDataModule(LightningDataModule):
         segment = self.recording.segment
         return ends[segment[ends - self.window + 1] == segment[ends + 1]]
 
-    def _stream(self, name: str, stretch: Callable[[], tuple[int, int]] = lambda: (0, 1),
-                rate: float = 0.0) -> SensorStream:
+    def _stream(
+        self, name: str, stretch: Callable[[], tuple[int, int]] = lambda: (0, 1), rate: float = 0.0
+    ) -> SensorStream:
         rank, num_shards = rank_shard(self.trainer)
         sensor_ids, ends = self.shard(self._stretches(self.recording)[name], rank, num_shards)
         steps = max(1, self.batch_size // len(sensor_ids))  # whole time steps: all sensors forecast together
@@ -254,9 +291,11 @@ class SensorStreamDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         stream = self._stream("stream", self._epoch_stretch, self.stream_rate)
         if len(stream) == 0:
-            raise UserError(f"the {self.source} stream gives each rank {len(stream.ends)} windows: too few for "
-                            f"--max-epochs {self._epoch_stretch()[1]} of --batch-size {self.batch_size}; "
-                            "lower either")
+            raise UserError(
+                f"the {self.source} stream gives each rank {len(stream.ends)} windows: too few for "
+                f"--max-epochs {self._epoch_stretch()[1]} of --batch-size {self.batch_size}; "
+                "lower either"
+            )
         # the stream is read in the main process (no loader workers), where its __len__ is exact
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         return DataLoader(stream, batch_size=None)

@@ -9,15 +9,14 @@ neither features nor links alone give the label. The probe uses 1% of the nodes 
 training, validation and test.
 Reference: none (the graph is ours); this dataset measures epochs/s and memory per rank.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
-from datamodules.partitioned_graph import TEST, TRAIN, UNLABELLED, VAL, PartitionedGraphDataModule
+from lightning_xd.datamodules.partitioned_graph import TEST, TRAIN, UNLABELLED, VAL, PartitionedGraphDataModule
+from lightning_xd.launch.registry import DATAMODULES
 from lightning_xd.progress import progress
-from lightning_xd.registry import DATAMODULES
 
 
 def power_law_weights(num_nodes: int, exponent: float, generator: torch.Generator) -> torch.Tensor:
@@ -38,8 +37,14 @@ def unique_edges(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
     return torch.stack([key // num_nodes, key % num_nodes])
 
 
-def community_graph(num_nodes: int, num_communities: int, avg_degree: float, homophily: float,
-                    exponent: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def community_graph(
+    num_nodes: int,
+    num_communities: int,
+    avg_degree: float,
+    homophily: float,
+    exponent: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Community of every node and undirected edges (both directions, no self-loops, no duplicates)."""
     community = torch.randint(0, num_communities, (num_nodes,), generator=generator)
     by_community = torch.argsort(community, stable=True)  # nodes of one community are contiguous here
@@ -52,11 +57,11 @@ def community_graph(num_nodes: int, num_communities: int, avg_degree: float, hom
     edges = []
     num_edges = int(num_nodes * avg_degree / 2)
     chunk = 1_000_000
-    for start in progress(range(0, num_edges, chunk), "synthetic graph: drawing edges",
-                          total=-(-num_edges // chunk)):
+    for start in progress(range(0, num_edges, chunk), "synthetic graph: drawing edges", total=-(-num_edges // chunk)):
         n = min(chunk, num_edges - start)
-        u = draw_by_weight(cdf, torch.zeros(n, dtype=torch.float64), torch.full((n,), float(cdf[-1]),
-                           dtype=torch.float64), generator)
+        u = draw_by_weight(
+            cdf, torch.zeros(n, dtype=torch.float64), torch.full((n,), float(cdf[-1]), dtype=torch.float64), generator
+        )
         c = community[by_community[u]]
         inside = torch.rand(n, generator=generator) < homophily
         low = torch.where(inside, community_start[c], 0.0)
@@ -73,15 +78,34 @@ def community_graph(num_nodes: int, num_communities: int, avg_degree: float, hom
 class SyntheticGraphDataModule(PartitionedGraphDataModule):
     name = "synthetic"
 
-    def __init__(self, data_dir: str = "./data", cache_dir: Optional[str] = None, batch_size: int = 64,
-                 fanouts: str = "10,10", num_negatives: int = 5, walk_length: int = 3, seed: int = 0,
-                 nprocs: int = 1, num_nodes: int = 100_000, num_communities: int = 20, avg_degree: float = 10.0,
-                 homophily: float = 0.7, num_features: int = 32, feature_noise: float = 2.0,
-                 graph_seed: int = 0):
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        fanouts: str = "10,10",
+        num_negatives: int = 5,
+        walk_length: int = 3,
+        seed: int = 0,
+        nprocs: int = 1,
+        num_nodes: int = 100_000,
+        num_communities: int = 20,
+        avg_degree: float = 10.0,
+        homophily: float = 0.7,
+        num_features: int = 32,
+        feature_noise: float = 2.0,
+        graph_seed: int = 0,
+    ):
         super().__init__(data_dir, cache_dir, batch_size, fanouts, num_negatives, walk_length, seed, nprocs)
-        self.settings = {"num_nodes": num_nodes, "num_communities": num_communities, "avg_degree": avg_degree,
-                         "homophily": homophily, "num_features": num_features, "feature_noise": feature_noise,
-                         "graph_seed": graph_seed}
+        self.settings = {
+            "num_nodes": num_nodes,
+            "num_communities": num_communities,
+            "avg_degree": avg_degree,
+            "homophily": homophily,
+            "num_features": num_features,
+            "feature_noise": feature_noise,
+            "graph_seed": graph_seed,
+        }
 
     def graph_settings(self) -> dict:
         return self.settings
@@ -89,15 +113,16 @@ class SyntheticGraphDataModule(PartitionedGraphDataModule):
     def load_graph(self) -> dict:
         s = self.settings
         generator = torch.Generator().manual_seed(s["graph_seed"])
-        community, edge_index = community_graph(s["num_nodes"], s["num_communities"], s["avg_degree"],
-                                                s["homophily"], 2.5, generator)
+        community, edge_index = community_graph(
+            s["num_nodes"], s["num_communities"], s["avg_degree"], s["homophily"], 2.5, generator
+        )
         centres = torch.randn(s["num_communities"], s["num_features"], generator=generator)
-        x = centres[community] + s["feature_noise"] * torch.randn(s["num_nodes"], s["num_features"],
-                                                                  generator=generator)
+        x = centres[community] + s["feature_noise"] * torch.randn(
+            s["num_nodes"], s["num_features"], generator=generator
+        )
         split = torch.full((s["num_nodes"],), UNLABELLED, dtype=torch.long)
         probe = torch.randperm(s["num_nodes"], generator=generator)
         share = max(1, s["num_nodes"] // 100)
         for i, code in enumerate((TRAIN, VAL, TEST)):
-            split[probe[i * share:(i + 1) * share]] = code
-        return {"edge_index": edge_index, "x": x, "y": community, "split": split,
-                "num_classes": s["num_communities"]}
+            split[probe[i * share : (i + 1) * share]] = code
+        return {"edge_index": edge_index, "x": x, "y": community, "split": split, "num_classes": s["num_communities"]}

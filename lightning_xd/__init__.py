@@ -5,7 +5,8 @@ callbacks and visualisation. Models, datamodules and strategies build on it, nev
 Importing this package registers our strategy names with Lightning (``Trainer(strategy="mpi")``)
 and does not start MPI; ``comm.world()`` does, on first use.
 """
-from lightning_xd.lightning_names import register_with_lightning
+
+from lightning_xd.launch.lightning_names import register_with_lightning
 
 __version__ = "0.1.0"
 

@@ -3,18 +3,23 @@
 The data dir has the layout of ``../shared/data`` (see its SOURCES.md). It may be read-only,
 so preprocessed files go to a separate cache dir.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 
 from lightning_xd.errors import DataError
 
+if TYPE_CHECKING:
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-def cache_dir(data_dir: str | Path, cache: Optional[str | Path] = None) -> Path:
+
+def cache_dir(data_dir: str | Path, cache: str | Path | None = None) -> Path:
     """``cache`` if given, else ``<data_dir>/cache`` when writable, else ``~/.cache/lightning_xd``."""
     if cache:
         path = Path(cache)
@@ -31,12 +36,14 @@ def require_files(folder: Path, names: Iterable[str], what: str) -> list[Path]:
     paths = [folder / n for n in names]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{what}: missing {', '.join(missing)} in {folder} (set --data-dir or XD_DATA_DIR "
-                        "to a folder laid out like ../shared/data)")
+        raise DataError(
+            f"{what}: missing {', '.join(missing)} in {folder} (set --data-dir or XD_DATA_DIR "
+            "to a folder laid out like ../shared/data)"
+        )
     return paths
 
 
-def eval_sampler(dataset: Dataset, trainer) -> Optional["UnrepeatedDistributedSampler"]:
+def eval_sampler(dataset: Dataset, trainer) -> UnrepeatedDistributedSampler | None:
     """Shard validation/test data so that every sample is scored exactly once over all ranks.
 
     Lightning's own distributed sampler pads the last shard with repeated samples, which would

@@ -1,9 +1,11 @@
 """Rich progress bars for long preparation steps (decoding images, windowing signals), shown by
 the first process only: the other ranks of a job wait at a barrier meanwhile."""
+
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, Optional, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -12,7 +14,7 @@ def _is_first_process() -> bool:
     return os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0")) == "0"
 
 
-def progress(items: Iterable[T], description: str, total: Optional[int] = None) -> Iterator[T]:
+def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate over ``items`` with a Rich progress bar (on the first process only)."""
     if not _is_first_process():
         yield from items

@@ -1,4 +1,5 @@
 """LightningModules, one per file; importing this package registers every one of them by name."""
+
 import importlib
 import pkgutil
 

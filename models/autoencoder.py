@@ -6,6 +6,7 @@ reconstruction MSE of all test beats (``test/mse``) and of each kind (``test/mse
 ``test/mse_anomalous``). Our worked example trains it with Adagrad and MSE on ECG5000.
 Reference: autoencoders on ECG5000 reach AUC-ROC ~0.95-0.99.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from lightning_xd.registry import MODELS
+from lightning_xd.launch.registry import MODELS
 
 
 def dense_stack(sizes: list[int]) -> nn.Sequential:
@@ -44,14 +45,19 @@ class ScoreMetrics(nn.Module):
         self.mse_anomalous.update(score, weight=anomalous.float())
 
     def named(self, stage: str) -> dict:
-        return {f"{stage}/auroc": self.auroc, f"{stage}/mse": self.mse,
-                f"{stage}/mse_normal": self.mse_normal, f"{stage}/mse_anomalous": self.mse_anomalous}
+        return {
+            f"{stage}/auroc": self.auroc,
+            f"{stage}/mse": self.mse,
+            f"{stage}/mse_normal": self.mse_normal,
+            f"{stage}/mse_anomalous": self.mse_anomalous,
+        }
 
 
 @MODELS.register("autoencoder", data="ecg", max_epochs=30)
 class DenseAutoencoder(LightningModule):
-    def __init__(self, num_features: int, normal_class: int, hidden_sizes: str = "64,32", code_size: int = 8,
-                 lr: float = 0.05):
+    def __init__(
+        self, num_features: int, normal_class: int, hidden_sizes: str = "64,32", code_size: int = 8, lr: float = 0.05
+    ):
         super().__init__()
         self.save_hyperparameters()
         sizes = [num_features, *(int(s) for s in hidden_sizes.split(",")), code_size]

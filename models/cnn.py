@@ -11,6 +11,7 @@ Pipeline contract: ``pipeline_stages()`` are the four stages in order, each call
 ``stage(h, batch)``; ``pipeline_input(batch)`` the images; ``pipeline_loss`` the loss and metrics.
 The training, validation and test steps run through exactly these.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_xd.registry import MODELS
+from lightning_xd.launch.registry import MODELS
 
 
 def conv_bn_relu(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
@@ -47,18 +48,31 @@ class Stage(nn.Sequential):
 
 @MODELS.register("cnn", data="cifar10", max_epochs=30)
 class CNN(LightningModule):
-    def __init__(self, num_classes: int, width: int = 16, lr: float = 0.2, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, label_smoothing: float = 0.1):
+    def __init__(
+        self,
+        num_classes: int,
+        width: int = 16,
+        lr: float = 0.2,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        label_smoothing: float = 0.1,
+    ):
         super().__init__()
         self.save_hyperparameters()
         w1, w2, w3 = width, 2 * width, 4 * width
-        self.stages = nn.ModuleList([
-            Stage(conv_bn_relu(3, w1), conv_bn_relu(w1, w2, pool=True), Residual(w2),  # 32x32 -> 16x16
-                  conv_bn_relu(w2, w3, pool=True)),  # -> 8x8
-            Stage(Residual(w3)),
-            Stage(conv_bn_relu(w3, w3, pool=True)),  # -> 4x4
-            Stage(Residual(w3), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes)),
-        ])
+        self.stages = nn.ModuleList(
+            [
+                Stage(
+                    conv_bn_relu(3, w1),
+                    conv_bn_relu(w1, w2, pool=True),
+                    Residual(w2),  # 32x32 -> 16x16
+                    conv_bn_relu(w2, w3, pool=True),
+                ),  # -> 8x8
+                Stage(Residual(w3)),
+                Stage(conv_bn_relu(w3, w3, pool=True)),  # -> 4x4
+                Stage(Residual(w3), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes)),
+            ]
+        )
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -79,8 +93,7 @@ class CNN(LightningModule):
         accuracy = getattr(self, f"{stage}_acc")
         accuracy(output, target)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val",
-                 batch_size=n)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=n)
         return loss
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -105,9 +118,15 @@ class CNN(LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
-                                    nesterov=True, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.SGD(
+            self.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            nesterov=True,
+            weight_decay=self.hparams.weight_decay,
+        )
         # one cycle: warm up to lr, then anneal to ~0 by the last step; fast convergence in few epochs
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr,
-                                                       total_steps=self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -17,6 +17,7 @@ against 0.962) but moved less with the seed (0.964 and 0.962 against 0.968 and 0
 Reference: 1D CNNs on UCI HAR's raw windows reach ~90-91% test accuracy (all 30 users); our
 subset has 10 users, trained on 5 (one training user validates) and tested on 4.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xd.errors import UserError
-from lightning_xd.registry import MODELS
+from lightning_xd.launch.registry import MODELS
 
 
 class TrainStepLatency(Callback):
@@ -70,15 +71,27 @@ def own_batch_statistics(module: nn.Module):
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=False),
-                         nn.BatchNorm1d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm1d(c_out),
+        nn.ReLU(inplace=True),
+    )
 
 
 @MODELS.register("cnn1d", data="har", max_epochs=50)
 class CNN1D(LightningModule):
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 32, kernel_size: int = 7,
-                 dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-4, adapt_bn: bool = True,
-                 members: int = 3):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int = 32,
+        kernel_size: int = 7,
+        dropout: float = 0.5,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        adapt_bn: bool = True,
+        members: int = 3,
+    ):
         super().__init__()
         if members < 1:
             raise UserError(f"--members {members}: a model needs at least one member (1 = a single CNN)")
@@ -86,10 +99,13 @@ class CNN1D(LightningModule):
         c, k, m = channels * members, kernel_size, members
         # ``members`` CNNs side by side as one network: grouped convolutions keep them apart
         self.features = nn.Sequential(
-            conv_bn_relu(in_channels * m, c, k, m), nn.MaxPool1d(2),  # 128 -> 64 samples
-            conv_bn_relu(c, 2 * c, k, m), nn.MaxPool1d(2),  # -> 32
+            conv_bn_relu(in_channels * m, c, k, m),
+            nn.MaxPool1d(2),  # 128 -> 64 samples
+            conv_bn_relu(c, 2 * c, k, m),
+            nn.MaxPool1d(2),  # -> 32
             conv_bn_relu(2 * c, 2 * c, k, m),
-            nn.AdaptiveAvgPool1d(1))
+            nn.AdaptiveAvgPool1d(1),
+        )
         # a 1x1 grouped convolution: each member's own linear classifier
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Conv1d(2 * c, num_classes * m, 1, groups=m))
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -1,11 +1,13 @@
 """Two-layer GCN (Kipf & Welling, ICLR 2017) for node classification on one full graph.
 
 Features may be a sparse CSR matrix (Cora's bag of words is 98.7% zeros): the first layer's
-product and the input dropout then touch only the non-zeros. The whole graph goes through the network at every step; the loss covers only the batch's nodes
+product and the input dropout then touch only the non-zeros. The whole graph goes through the
+network at every step; the loss covers only the batch's nodes
 (``batch.node_index``), so data parallelism shards the labelled nodes, not the graph.
 Reference: 81.5% test accuracy on Cora's public split (Kipf & Welling; PyG's examples/gcn.py).
 Our worked example trains it with RMSprop and cross-entropy.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +16,7 @@ from lightning.pytorch import LightningModule
 from torch_geometric.nn import GCNConv
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_xd.registry import MODELS
+from lightning_xd.launch.registry import MODELS
 
 
 def feature_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -29,8 +31,15 @@ def feature_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 @MODELS.register("gcn", data="cora", max_epochs=200)
 class GCN(LightningModule):
-    def __init__(self, num_features: int, num_classes: int, hidden_channels: int = 16, dropout: float = 0.5,
-                 lr: float = 0.01, weight_decay: float = 5e-4):
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        hidden_channels: int = 16,
+        dropout: float = 0.5,
+        lr: float = 0.01,
+        weight_decay: float = 5e-4,
+    ):
         super().__init__()
         self.save_hyperparameters()
         # cached: the normalised adjacency of the one graph is computed once, not at every step

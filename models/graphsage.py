@@ -8,8 +8,9 @@ autograd no longer computes a gradient for the 1,433 input features of every sam
 The encoder is
 trained with the unsupervised link loss: a node should score high with a neighbour (or the end of
 a short random walk) and low with sampled non-neighbours, pooled from every process (a part's own
-negatives all come from one METIS region: with those alone, 2 ranks lost 0.1 F1 on Cora). The table's sparse gradients are
-optimised by SparseAdam, the dense weights by Adam: two optimizers, so optimization is manual
+negatives all come from one METIS region, which alone teaches little about the rest of the graph).
+The table's sparse gradients are optimised by SparseAdam, the dense weights by Adam: two optimizers,
+so optimization is manual
 (``manual_backward`` runs the strategy's gradient averaging, which keeps sparse gradients sparse).
 The table starts small (std ``table_init_std``) and moves slowly (``table_lr``): a free per-node
 vector fits the link loss easily and, at default init, crowds out what the features say.
@@ -23,12 +24,12 @@ Reference: Cora public split, probe accuracy 70.7% for DeepWalk + features and 8
 (Velickovic et al., ICLR 2019); Hamilton et al. report micro-F1 0.465-0.502 for unsupervised
 GraphSAGE on PPI.
 """
+
 from __future__ import annotations
 
 import resource
 import time
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 from torchmetrics import Metric
 
-from lightning_xd.registry import MODELS
+from lightning_xd.launch.registry import MODELS
 
 TRAIN, VAL, TEST = 1, 2, 3  # probe split codes, as the partitioned-graph datamodules write them
 INFERENCE_CHUNK = 65_536  # receivers per slice when a whole part is embedded without gradients
@@ -51,7 +52,7 @@ def input_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
-def sage_layer(conv: SAGEConv, x: Tensor, edge_index: Tensor, receivers: int, chunk: Optional[int] = None) -> Tensor:
+def sage_layer(conv: SAGEConv, x: Tensor, edge_index: Tensor, receivers: int, chunk: int | None = None) -> Tensor:
     """``conv`` computed for the first ``receivers`` nodes only, from the edges into them; in slices
     of ``chunk`` receivers, so that a whole part's messages never sit in memory at once."""
     if receivers == x.shape[0] and (chunk is None or receivers <= chunk):
@@ -87,8 +88,9 @@ class LinearProbe(Metric):
         """Gathered over ranks by torchmetrics' sync (the strategy supplies the collective)."""
         cat = lambda state: torch.cat(state) if isinstance(state, list) else state  # noqa: E731
         z, y, split = cat(self.embeddings).numpy(), cat(self.labels).numpy(), cat(self.splits).numpy()
-        scores = probe_scores(z[split == TRAIN], y[split == TRAIN], z[split == VAL], y[split == VAL],
-                              z[split == TEST], y[split == TEST])
+        scores = probe_scores(
+            z[split == TRAIN], y[split == TRAIN], z[split == VAL], y[split == VAL], z[split == TEST], y[split == TEST]
+        )
         return {name: torch.tensor(value) for name, value in scores.items()}
 
 
@@ -113,9 +115,13 @@ def probe_scores(z_train, y_train, z_val, y_val, z_test, y_test) -> dict[str, fl
         val_f1 = {c: f1_score(y_val, fit(c).predict(z_val), average="micro") for c in PROBE_C}
         best = max(PROBE_C, key=val_f1.get)
         predicted = fit(best).predict(z_test)
-    return {"val_micro_f1": val_f1[best], "micro_f1": f1_score(y_test, predicted, average="micro"),
-            "macro_f1": f1_score(y_test, predicted, average="macro", zero_division=0),
-            "acc": accuracy_score(y_test, predicted), "probe_c": best}
+    return {
+        "val_micro_f1": val_f1[best],
+        "micro_f1": f1_score(y_test, predicted, average="micro"),
+        "macro_f1": f1_score(y_test, predicted, average="macro", zero_division=0),
+        "acc": accuracy_score(y_test, predicted),
+        "probe_c": best,
+    }
 
 
 class ResourceUsage(Callback):
@@ -145,12 +151,20 @@ class ResourceUsage(Callback):
             pl_module.log("test/epochs_per_s", slowest, sync_dist=True, batch_size=1)
 
 
-@MODELS.register("graphsage", data="cora-graph", trains_on=("cora-graph", "ppi", "synthetic-graph"),
-                 max_epochs=10)
+@MODELS.register("graphsage", data="cora-graph", trains_on=("cora-graph", "ppi", "synthetic-graph"), max_epochs=10)
 class GraphSAGE(LightningModule):
-    def __init__(self, num_features: int, num_nodes: int, hidden_channels: int = 256, out_channels: int = 64,
-                 embedding_dim: int = 64, dropout: float = 0.5, lr: float = 0.003, table_lr: float = 1e-4,
-                 table_init_std: float = 0.01):
+    def __init__(
+        self,
+        num_features: int,
+        num_nodes: int,
+        hidden_channels: int = 256,
+        out_channels: int = 64,
+        embedding_dim: int = 64,
+        dropout: float = 0.5,
+        lr: float = 0.003,
+        table_lr: float = 1e-4,
+        table_init_std: float = 0.01,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # Adam for the dense weights, SparseAdam for the table
@@ -164,7 +178,7 @@ class GraphSAGE(LightningModule):
         # one instance for fit and test: the test run reads the epoch times the fit run measured
         self.resource_usage = ResourceUsage()
 
-    def forward(self, x: Tensor, node_ids: Tensor, edge_index: Tensor, hop_nodes: Optional[list] = None) -> Tensor:
+    def forward(self, x: Tensor, node_ids: Tensor, edge_index: Tensor, hop_nodes: list | None = None) -> Tensor:
         """Embeddings of the first ``hop_nodes[0]`` nodes of a sampled subgraph (every node without
         ``hop_nodes``). Layer 1 is computed only for nodes within one hop of the targets, layer 2
         only for the targets: the farther nodes are inputs, never outputs."""
@@ -188,8 +202,9 @@ class GraphSAGE(LightningModule):
         seeds = z[batch.pos_pairs[0]]
         positive = (seeds * z[batch.pos_pairs[1]]).sum(-1)
         negative = seeds @ negatives.t()
-        return (F.binary_cross_entropy_with_logits(positive, torch.ones_like(positive))
-                + F.binary_cross_entropy_with_logits(negative, torch.zeros_like(negative)))
+        return F.binary_cross_entropy_with_logits(
+            positive, torch.ones_like(positive)
+        ) + F.binary_cross_entropy_with_logits(negative, torch.zeros_like(negative))
 
     def training_step(self, batch, batch_idx):
         optimizers = self.optimizers()

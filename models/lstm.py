@@ -17,6 +17,7 @@ is prequential evaluation, reported as ``test/running_rmse`` beside ``test/runni
 Reference: Candanedo et al. 2017 report a GBM test RMSE of ~66 Wh on Appliances (a different
 horizon); our worked example's bar is an RMSE at least 10% below persistence on the test weeks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from lightning_xd.registry import MODELS
+from lightning_xd.launch.registry import MODELS
 
 
 class InputProjection(nn.Module):
@@ -79,15 +80,27 @@ class Stage(nn.Module):
 
 
 def error_metrics(prefix: str, postfix: str = "") -> MetricCollection:
-    return MetricCollection({"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()},
-                            prefix=prefix, postfix=postfix)
+    return MetricCollection(
+        {"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()}, prefix=prefix, postfix=postfix
+    )
 
 
 @MODELS.register("lstm", data="appliances", trains_on=("appliances", "sensor-stream"), max_epochs=10)
 class LSTMForecaster(LightningModule):
-    def __init__(self, num_features: int, horizon: int, target_mean: float, target_std: float, log_target: bool,
-                 prequential: bool, hidden_size: int = 64, num_layers: int = 4, dropout: float = 0.1,
-                 lr: float = 1e-3, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        num_features: int,
+        horizon: int,
+        target_mean: float,
+        target_std: float,
+        log_target: bool,
+        prequential: bool,
+        hidden_size: int = 64,
+        num_layers: int = 4,
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ):
         super().__init__()
         self.save_hyperparameters()
         layers = [ResidualLSTM(hidden_size, dropout) for _ in range(num_layers)]
@@ -97,7 +110,8 @@ class LSTMForecaster(LightningModule):
         self.stages = nn.ModuleList(Stage(*p) for p in parts)
         self.metrics = nn.ModuleDict({stage: error_metrics(f"{stage}/") for stage in ("val", "test")})
         self.persistence_metrics = nn.ModuleDict(
-            {stage: error_metrics(f"{stage}/", "_persistence") for stage in ("val", "test")})
+            {stage: error_metrics(f"{stage}/", "_persistence") for stage in ("val", "test")}
+        )
         # never reset by Lightning: they run over the whole fit
         self.running_rmse = MeanSquaredError(squared=False)
         self.running_rmse_persistence = MeanSquaredError(squared=False)
@@ -156,10 +170,13 @@ class LSTMForecaster(LightningModule):
         self.running_rmse_persistence.update(persistence, target)
         # this rank's own running errors, from the metrics' state: compute() would gather every rank's
         # (a collective per step, and the same curve for every rank); test/running_* gather them
-        for name, metric in (("train/running_rmse", self.running_rmse),
-                             ("train/running_rmse_persistence", self.running_rmse_persistence)):
-            self.log(name, (metric.sum_squared_error / metric.total).sqrt(), on_step=True, on_epoch=False,
-                     batch_size=size)
+        for name, metric in (
+            ("train/running_rmse", self.running_rmse),
+            ("train/running_rmse_persistence", self.running_rmse_persistence),
+        ):
+            self.log(
+                name, (metric.sum_squared_error / metric.total).sqrt(), on_step=True, on_epoch=False, batch_size=size
+            )
 
     def on_test_epoch_end(self) -> None:
         if self.hparams.prequential and self.running_rmse.update_count > 0:

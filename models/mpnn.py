@@ -23,6 +23,7 @@ the first and readout + head to the last (the steps hold nearly all parameters);
 Reference: Gilmer et al., mu MAE 0.030 D with 110k training molecules; here, 2,400 molecules and
 the bar is the MAE of predicting the training mean (``test/mae_mean_predictor``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,7 @@ from torch_geometric.utils import scatter
 from torchmetrics import MeanAbsoluteError
 
 from lightning_xd.errors import UserError
-from lightning_xd.registry import MODELS
+from lightning_xd.launch.registry import MODELS
 
 
 class GaussianDistances(nn.Module):
@@ -80,8 +81,9 @@ class EdgeConditionedConv(nn.Module):
         per_channel = self.edge_weight.weight.t().reshape(-1, d, d)  # (hidden, d_in, d_out)
         return torch.cat([per_channel, self.edge_weight.bias.view(1, d, d)]).reshape(-1, d)
 
-    def forward(self, h: Tensor, edge_index: Tensor, edge_features: Tensor, node_molecule: Tensor,
-                molecules: int) -> Tensor:
+    def forward(
+        self, h: Tensor, edge_index: Tensor, edge_features: Tensor, node_molecule: Tensor, molecules: int
+    ) -> Tensor:
         sender, receiver = edge_index
         rows, n_max = dense_positions(node_molecule, molecules)
         g = self.edge_hidden(edge_features)
@@ -146,7 +148,7 @@ class DipoleReadout(nn.Module):
         q = self.charge(h).view(-1)
         q = q - scatter(q, batch.batch, dim=0, dim_size=batch.num_graphs, reduce="mean")[batch.batch]
         dipole = scatter(q.unsqueeze(1) * batch.pos, batch.batch, dim=0, dim_size=batch.num_graphs, reduce="sum")
-        mu = torch.sqrt((dipole ** 2).sum(dim=1) + 1e-8)  # eps: a finite gradient at mu = 0
+        mu = torch.sqrt((dipole**2).sum(dim=1) + 1e-8)  # eps: a finite gradient at mu = 0
         return (mu - self.target_mean) / self.target_std
 
 
@@ -166,10 +168,14 @@ def build_readout(readout: str, target: str, channels: int, target_mean: float, 
         readout = "set2set+dipole" if target == "mu" else "set2set"
     parts = readout.split("+")
     if not parts or set(parts) - {"set2set", "dipole"} or ("dipole" in parts and target != "mu"):
-        raise UserError(f"--readout {readout!r}: choose auto, set2set, dipole or set2set+dipole (dipole only "
-                        f"for --target mu, not {target})")
-    built = [Set2SetReadout(channels) if part == "set2set" else DipoleReadout(channels, target_mean, target_std)
-             for part in parts]
+        raise UserError(
+            f"--readout {readout!r}: choose auto, set2set, dipole or set2set+dipole (dipole only "
+            f"for --target mu, not {target})"
+        )
+    built = [
+        Set2SetReadout(channels) if part == "set2set" else DipoleReadout(channels, target_mean, target_std)
+        for part in parts
+    ]
     return built[0] if len(built) == 1 else SummedReadouts(*built)
 
 
@@ -188,9 +194,20 @@ class Stage(nn.Module):
 
 @MODELS.register("mpnn", data="qm9", max_epochs=30)
 class MPNN(LightningModule):
-    def __init__(self, num_features: int, target: str = "mu", target_mean: float = 0.0, target_std: float = 1.0,
-                 hidden_channels: int = 64, edge_hidden: int = 16, steps: int = 4, num_gaussians: int = 50,
-                 cutoff: float = 10.0, readout: str = "auto", lr: float = 2e-3):
+    def __init__(
+        self,
+        num_features: int,
+        target: str = "mu",
+        target_mean: float = 0.0,
+        target_std: float = 1.0,
+        hidden_channels: int = 64,
+        edge_hidden: int = 16,
+        steps: int = 4,
+        num_gaussians: int = 50,
+        cutoff: float = 10.0,
+        readout: str = "auto",
+        lr: float = 2e-3,
+    ):
         super().__init__()
         self.save_hyperparameters()
         distances = GaussianDistances(num_gaussians, cutoff)
@@ -216,8 +233,7 @@ class MPNN(LightningModule):
         mae = getattr(self, f"{stage}_mae")
         mae(output * std + mean, batch.target)  # in the target's own units
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
-        self.log(f"{stage}/mae", mae, on_step=False, on_epoch=True, prog_bar=stage == "val",
-                 batch_size=size)
+        self.log(f"{stage}/mae", mae, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=size)
         if stage == "test":
             self.mean_predictor_mae(torch.full_like(batch.target, mean), batch.target)
             self.log("test/mae_mean_predictor", self.mean_predictor_mae, batch_size=size)
@@ -241,6 +257,7 @@ class MPNN(LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         # one cycle: warm up to lr, then anneal to ~0 by the last step (a fixed budget of epochs)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr,
-                                                       total_steps=max(1, self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.hparams.lr, total_steps=max(1, self.trainer.estimated_stepping_batches)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

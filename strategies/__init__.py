@@ -1,4 +1,5 @@
 """Distribution strategies, one per file; importing this package registers every one of them by name."""
+
 import importlib
 import pkgutil
 

@@ -1,10 +1,11 @@
 """One process on one device (``--strategy single``): Lightning's own SingleDeviceStrategy, with a
 training loader that can resume mid-epoch."""
+
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from lightning_xd.environment import device_for
-from lightning_xd.registry import STRATEGIES
-from lightning_xd.resumable import ResumableTrainingData
+from lightning_xd.comm.environment import device_for
+from lightning_xd.fault_tolerance.resumable import ResumableTrainingData
+from lightning_xd.launch.registry import STRATEGIES
 
 
 class SingleProcessStrategy(ResumableTrainingData, SingleDeviceStrategy):

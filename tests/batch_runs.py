@@ -8,6 +8,7 @@ SPEC is a list of {"name": ..., "argv": [...]}; each argv goes through ``train.m
 its stdout and stderr captured, and a run that fails does not stop the others. The first
 process writes {name: {"code", "output", "seconds"}} to RESULTS.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,20 +41,24 @@ def run_all(spec: list[dict]) -> dict:
         finally:
             lightning_log.removeHandler(handler)
         output = captured.getvalue()
-        outcomes[run["name"]] = {"code": code, "output": output[:3000] + "\n...\n" + output[-4000:],
-                                 "seconds": time.perf_counter() - started}
-        print(f"{run['name']}: exit {code} in {outcomes[run['name']]['seconds']:.1f} s", file=sys.__stderr__,
-              flush=True)
+        outcomes[run["name"]] = {
+            "code": code,
+            "output": output[:3000] + "\n...\n" + output[-4000:],
+            "seconds": time.perf_counter() - started,
+        }
+        print(
+            f"{run['name']}: exit {code} in {outcomes[run['name']]['seconds']:.1f} s", file=sys.__stderr__, flush=True
+        )
     return outcomes
 
 
 def main(spec_path: str, results_path: str) -> None:
     outcomes = run_all(json.loads(Path(spec_path).read_text()))
-    from lightning_xd.launcher import in_mpi_job
+    from lightning_xd.launch.launcher import in_mpi_job
 
     first = True
     if in_mpi_job():
-        from lightning_xd.comm import world
+        from lightning_xd.comm.communicator import world
 
         first = world().rank == 0
     if first:

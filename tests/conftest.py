@@ -1,4 +1,5 @@
 """Shared fixtures: tiny generated datasets and helpers that run train.py or scripts under mpirun."""
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,9 @@ def train(tmp_path):
 
     def run(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
         cmd = [sys.executable, str(REPO / "train.py"), *args]
-        return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path, env), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            cmd, cwd=tmp_path, env=_env(tmp_path, env), capture_output=True, text=True, timeout=timeout
+        )
 
     return run
 
@@ -67,11 +69,19 @@ def one_line_error(capsys):
     return run
 
 
-def run_mpi(n: int, script: str, *args: str, cwd: Path, timeout: float = 180, mpirun_args=(),
-            check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_mpi(
+    n: int,
+    script: str,
+    *args: str,
+    cwd: Path,
+    timeout: float = 180,
+    mpirun_args=(),
+    check: bool = True,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``python -m mpi4py tests/mpi_scripts/SCRIPT ARGS`` on ``n`` ranks under a timeout; with ``check``,
     a non-zero exit (or the timeout) fails the calling test and shows the job's output."""
-    from lightning_xd.launcher import mpirun_command, mpirun_environment
+    from lightning_xd.launch.launcher import mpirun_command, mpirun_environment
 
     cmd = mpirun_command(n, [str(REPO / "tests" / "mpi_scripts" / script), *args], mpirun_args=mpirun_args)
     if n > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
@@ -83,8 +93,9 @@ def run_mpi(n: int, script: str, *args: str, cwd: Path, timeout: float = 180, mp
         output = lambda b: (b.decode(errors="replace") if isinstance(b, bytes) else (b or ""))[-4000:]  # noqa: E731
         pytest.fail(f"mpirun ran over {timeout} s\n--- stdout\n{output(err.stdout)}\n--- stderr\n{output(err.stderr)}")
     if check and proc.returncode != 0:
-        pytest.fail(f"mpirun exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                    f"--- stderr\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"mpirun exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -92,13 +103,19 @@ def run_mpi_job(script: Path, ranks: int, out: Path, args: list[str], timeout: f
     """Run ``python -m mpi4py SCRIPT OUT ARGS...`` on ``ranks`` ranks (oversubscribed beyond the cores) for a
     job whose cases save their own results under ``out``; returns how it ended and the end of its output.
     A job that fails or runs over ``timeout`` is not an error here: the cases it finished still count."""
-    from lightning_xd.launcher import mpirun_command, mpirun_environment
+    from lightning_xd.launch.launcher import mpirun_command, mpirun_environment
 
     cmd = mpirun_command(ranks, [str(script), str(out), *args])
     if ranks > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
         cmd.insert(1, "--oversubscribe")
-    proc = subprocess.Popen(cmd, cwd=out, env={**mpirun_environment(), **_env(out)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=out,
+        env={**mpirun_environment(), **_env(out)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
         ending = f"exit code {proc.returncode}"
@@ -117,8 +134,15 @@ def run_mpi_job(script: Path, ranks: int, out: Path, args: list[str], timeout: f
 def mpirun(tmp_path):
     """Run ``python -m mpi4py SCRIPT ARGS`` on ``n`` ranks; fails the test on a non-zero exit."""
 
-    def run(n: int, script: str, *args: str, timeout: float = 180, mpirun_args=(),
-            check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(
+        n: int,
+        script: str,
+        *args: str,
+        timeout: float = 180,
+        mpirun_args=(),
+        check: bool = True,
+        env: dict | None = None,
+    ) -> subprocess.CompletedProcess:
         return run_mpi(n, script, *args, cwd=tmp_path, timeout=timeout, mpirun_args=mpirun_args, check=check, env=env)
 
     return run

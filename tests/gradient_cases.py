@@ -11,6 +11,7 @@ differently on the two ranks, as a data-dependent model does.
   weight decay would move it if it were given a zero gradient).
 - ``Unfrozen``: a backbone frozen for the first epoch and unfrozen by Lightning's BackboneFinetuning.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,7 +55,7 @@ class UnionOrder(Sampler[int]):
         shards = _shards(range(SAMPLES), self.epoch)
         for k in range(0, SAMPLES // RANKS, BATCH):
             for shard in shards:
-                yield from shard[k:k + BATCH]
+                yield from shard[k : k + BATCH]
 
     def __len__(self) -> int:
         return SAMPLES
@@ -126,8 +127,13 @@ class Unfrozen(_Base):
 def finetuning():
     from lightning.pytorch.callbacks import BackboneFinetuning
 
-    return BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0,
-                              backbone_initial_ratio_lr=0.5, should_align=False, verbose=False)
+    return BackboneFinetuning(
+        unfreeze_backbone_at_epoch=1,
+        lambda_func=lambda epoch: 1.0,
+        backbone_initial_ratio_lr=0.5,
+        should_align=False,
+        verbose=False,
+    )
 
 
 # name: (model class, strategy settings, callbacks, epochs)
@@ -146,8 +152,16 @@ def union_reference(case: str) -> dict:
 
     model_class, _, callbacks, epochs = CASES[case]
     model = model_class()
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks(),
-                      plugins=[LightningEnvironment()])
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks(),
+        plugins=[LightningEnvironment()],
+    )
     trainer.fit(model, train_dataloaders=model.train_dataloader(union=True))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

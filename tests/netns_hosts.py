@@ -5,6 +5,7 @@ Each host is a namespace ``<prefix>N`` reached at ``10.77.0.(N+1)``; the root na
 here a script that runs the command inside the host's namespace. Traffic stays on loopback and
 on the bridge; everything is removed on ``close()``.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,10 +63,12 @@ class EmulatedHosts:
 
     def _write_agent(self) -> Path:
         """PRRTE calls ``agent HOST COMMAND...``: run COMMAND in that host's namespace."""
-        cases = "\n".join(f'  {a}) ns={n} ;;' for n, a in zip(self.names, self.addresses))
+        cases = "\n".join(f"  {a}) ns={n} ;;" for n, a in zip(self.names, self.addresses))
         script = self.workdir / "netns-agent.sh"
-        script.write_text(f'#!/bin/sh\nhost="$1"; shift\ncase "$host" in\n{cases}\n  *) exit 255 ;;\nesac\n'
-                          'exec ip netns exec "$ns" sh -c "$*"\n')
+        script.write_text(
+            f'#!/bin/sh\nhost="$1"; shift\ncase "$host" in\n{cases}\n  *) exit 255 ;;\nesac\n'
+            'exec ip netns exec "$ns" sh -c "$*"\n'
+        )
         script.chmod(0o755)
         return script
 
@@ -77,8 +80,13 @@ class EmulatedHosts:
     @staticmethod
     def mpi_environment() -> dict[str, str]:
         """Open MPI settings for these hosts: TCP on the namespace subnet only, no shared-memory collectives."""
-        return {"OMPI_MCA_btl": "tcp,self", "OMPI_MCA_coll": "^han", "OMPI_MCA_btl_tcp_if_include": SUBNET,
-                "OMPI_MCA_oob_tcp_if_include": SUBNET, "PRTE_MCA_oob_tcp_if_include": SUBNET}
+        return {
+            "OMPI_MCA_btl": "tcp,self",
+            "OMPI_MCA_coll": "^han",
+            "OMPI_MCA_btl_tcp_if_include": SUBNET,
+            "OMPI_MCA_oob_tcp_if_include": SUBNET,
+            "PRTE_MCA_oob_tcp_if_include": SUBNET,
+        }
 
     def kill_host(self, index: int) -> None:
         """Every process of that host dies at once, and the host stops answering."""

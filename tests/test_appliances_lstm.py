@@ -4,10 +4,10 @@ chronological split, the rebuilt timestamps, the pipeline contract and one-line 
 import numpy as np
 import pytest
 import torch
-
-from datamodules.appliances import AppliancesDataModule
 from generators.appliances import write_appliances
-from models.lstm import LSTMForecaster
+
+from lightning_xd.datamodules.appliances import AppliancesDataModule
+from lightning_xd.models.lstm import LSTMForecaster
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,15 @@ def test_split_is_chronological_and_scaled_on_training_rows(appliances_data, tmp
     rows = {name: dataset.rows() for name, dataset in datamodule.datasets.items()}
     assert rows["train"][1] < rows["val"][0] and rows["val"][1] < rows["test"][0]
     num_train_rows = rows["train"][1] + 1
-    wh = np.loadtxt(appliances_data / "appliances_energy" / "energydata_complete.csv", delimiter=",",
-                    skiprows=1, usecols=0)
+    wh = np.loadtxt(
+        appliances_data / "appliances_energy" / "energydata_complete.csv", delimiter=",", skiprows=1, usecols=0
+    )
     assert datamodule.target_mean == pytest.approx(np.log1p(wh[:num_train_rows]).mean())
     sample = datamodule.datasets["test"][0]
     first = datamodule.datasets["test"].starts[0]
     # the window's last target reading and the target are the CSV's rows, in Wh after undoing the scaling
     in_wh = np.expm1(np.array([sample["last"], sample["target"][0]]) * datamodule.target_std + datamodule.target_mean)
-    assert in_wh == pytest.approx(wh[first + 11:first + 13], rel=1e-4)
+    assert in_wh == pytest.approx(wh[first + 11 : first + 13], rel=1e-4)
 
 
 def test_time_features_follow_the_rebuilt_timestamps(tmp_path):
@@ -64,18 +65,22 @@ def test_pipeline_stages_give_the_model_output_and_start_at_persistence(applianc
     assert torch.allclose(h[:, 0], batch["last"])  # the untrained head predicts no change
 
 
-@pytest.mark.parametrize("content, expected", [
-    (None, "missing energydata_complete.csv"),
-    ("Appliances,lights\n60,30\nsixty,30\n", "row 3 has Appliances = 'sixty'"),
-    ("Energy,lights\n60,30\n", "could not be read"),
-    ("Appliances,lights\n" + "60,30\n" * 20, "20 rows leave"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "missing energydata_complete.csv"),
+        ("Appliances,lights\n60,30\nsixty,30\n", "row 3 has Appliances = 'sixty'"),
+        ("Energy,lights\n60,30\n", "could not be read"),
+        ("Appliances,lights\n" + "60,30\n" * 20, "20 rows leave"),
+    ],
+)
 def test_bad_csv_is_one_line(one_line_error, tmp_path, monkeypatch, content, expected):
     monkeypatch.setenv("XD_DOWNLOAD", "0")
     folder = tmp_path / "data" / "appliances_energy"
     folder.mkdir(parents=True)
     if content is not None:
         (folder / "energydata_complete.csv").write_text(content)
-    err = one_line_error("--model", "lstm", "--data-dir", str(tmp_path / "data"),
-                         "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error(
+        "--model", "lstm", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")
+    )
     assert expected in err and "energydata_complete.csv" in err

@@ -6,6 +6,7 @@ each equal step by step to Lightning's own training in one process; on 3 ranks t
 validation during training (on every rank alike), Lightning's BoringModel (fit, checkpoint, validate,
 test, predict), LR schedules, accumulation over two workers, and a worker that stops on its own.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_mpi_job
 from mpi_scripts.train_async_features import EPOCHS, reference_run
 
@@ -65,8 +65,9 @@ def assert_ends_with_server_parameters(ranks: list[dict]) -> None:
 def test_accumulation_trains_the_asked_epochs_and_no_more(one_worker, tmp_path):
     server, worker = results(one_worker, "accumulate", 2)
     seen = Counter(worker["seen"])
-    assert sum(seen.values()) == EPOCHS * SAMPLES, \
+    assert sum(seen.values()) == EPOCHS * SAMPLES, (
         f"the worker trained {sum(seen.values()) / SAMPLES:g} epochs of its shard, asked for {EPOCHS}"
+    )
     assert seen == {i: EPOCHS for i in range(SAMPLES)}  # every sample once per epoch
     steps = EPOCHS * math.ceil(SAMPLES // BATCH / 3)  # 8 batches per epoch in steps of 3, 3, 2
     assert server["summary"]["global_step"] == server["summary"]["async/updates"] == steps
@@ -80,8 +81,9 @@ def test_gradient_clipping_is_applied_on_the_worker_before_the_push(one_worker, 
     server, worker = results(one_worker, "clip", 2)
     clipped, plain = reference_run("clip", str(tmp_path / "clip")), reference_run("plain", str(tmp_path / "plain"))
     final = clipped["snapshots"][-1]
-    assert any(not torch.allclose(final[k], plain["snapshots"][-1][k], atol=1e-3) for k in final), \
+    assert any(not torch.allclose(final[k], plain["snapshots"][-1][k], atol=1e-3) for k in final), (
         "the clipping value must change training for this test to mean anything"
+    )
     assert_same_steps(worker["snapshots"], clipped["snapshots"])
     assert server["summary"]["global_step"] == EPOCHS * SAMPLES // BATCH
     assert_ends_with_server_parameters([server, worker])
@@ -113,11 +115,13 @@ def test_bf16_mixed_autocasts_under_async(one_worker, tmp_path):
 
 
 # ---- three ranks: the server and two workers -------------------------------------------------------
-REFUSED = {"EarlyStopping": "EarlyStopping(monitor='val/loss')",
-           "ModelCheckpoint": "ModelCheckpoint(monitor='val/loss')",
-           "ReduceLROnPlateau": "ReduceLROnPlateau scheduler (monitor='val/loss')",
-           "val_check_interval": "val_check_interval=0.5",
-           "val_check_interval_batches": "val_check_interval=2"}
+REFUSED = {
+    "EarlyStopping": "EarlyStopping(monitor='val/loss')",
+    "ModelCheckpoint": "ModelCheckpoint(monitor='val/loss')",
+    "ReduceLROnPlateau": "ReduceLROnPlateau scheduler (monitor='val/loss')",
+    "val_check_interval": "val_check_interval=0.5",
+    "val_check_interval_batches": "val_check_interval=2",
+}
 
 
 def test_what_needs_validation_during_training_is_refused_alike_on_every_rank(three_ranks):
@@ -134,8 +138,8 @@ def test_what_needs_validation_during_training_is_refused_alike_on_every_rank(th
 def test_refused_through_train_py_before_any_rank_starts(one_line_error, tiny_data, tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from lightning_xd.registry import MODELS
-    from models.gcn import GCN
+    from lightning_xd.launch.registry import MODELS
+    from lightning_xd.models.gcn import GCN
 
     class GCNWithEarlyStopping(GCN):
         def configure_callbacks(self):
@@ -143,8 +147,18 @@ def test_refused_through_train_py_before_any_rank_starts(one_line_error, tiny_da
 
     MODELS.register("gcn_early_stopping", data="cora", max_epochs=2)(GCNWithEarlyStopping)
     try:
-        err = one_line_error("--model", "gcn_early_stopping", "--strategy", "async", "--nprocs", "3",
-                             "--data-dir", str(tiny_data), "--run-dir", str(tmp_path / "run"))
+        err = one_line_error(
+            "--model",
+            "gcn_early_stopping",
+            "--strategy",
+            "async",
+            "--nprocs",
+            "3",
+            "--data-dir",
+            str(tiny_data),
+            "--run-dir",
+            str(tmp_path / "run"),
+        )
     finally:
         MODELS._entries.pop("gcn_early_stopping")
     assert "EarlyStopping(monitor='val/acc')" in err and "--strategy mpi" in err
@@ -174,7 +188,7 @@ def test_boring_model_fits_checkpoints_validates_tests_and_predicts(three_ranks)
 def test_lr_schedules_step_on_the_server_per_epoch_and_per_step(three_ranks):
     boring = results(three_ranks, "boring", 3)  # StepLR(step_size=1, gamma=0.1), stepped per epoch
     assert [r["scheduler_steps"] for r in boring] == [EPOCHS] * 3
-    assert [r["lr"] for r in boring] == [pytest.approx(0.1 * 0.1 ** EPOCHS)] * 3
+    assert [r["lr"] for r in boring] == [pytest.approx(0.1 * 0.1**EPOCHS)] * 3
     onecycle = results(three_ranks, "onecycle", 3)  # OneCycleLR(total_steps=estimated_stepping_batches)
     steps = EPOCHS * 2 * math.ceil(BORING_SAMPLES // 2 / 2)  # two workers, accumulating 2 batches a step
     assert onecycle[0]["summary"]["global_step"] == steps

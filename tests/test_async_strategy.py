@@ -1,10 +1,10 @@
 """The async strategy: a parameter server with bounded staleness, under mpirun."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
-
 from tiny_models import TinyData, TinyRegressor
+from torch.utils.data import DistributedSampler
 
 
 def plain_sgd_snapshots(epochs: int, batch_size: int = 4):
@@ -18,7 +18,7 @@ def plain_sgd_snapshots(epochs: int, batch_size: int = 4):
         sampler.set_epoch(epoch)
         order = list(sampler)
         for k in range(0, len(order), batch_size):
-            x, ids, y = data.train_set[order[k:k + batch_size]]
+            x, ids, y = data.train_set[order[k : k + batch_size]]
             optimizer.zero_grad()
             F.mse_loss(model(x, ids), y).backward()
             optimizer.step()
@@ -68,7 +68,7 @@ def test_training_converges(mpirun, tmp_path):
 
 
 def test_checkpoint_resumes_server_version_and_parameters(mpirun, tmp_path):
-    from lightning_xd.checkpoints import CheckpointStore
+    from lightning_xd.fault_tolerance.checkpoints import CheckpointStore
 
     first = tmp_path / "first"
     mpirun(2, "train_tiny_async.py", str(first), "1", "4")
@@ -89,8 +89,22 @@ def test_gcn_with_async_through_train_py(train, tiny_data, tmp_path):
     import json
 
     run = tmp_path / "run"
-    proc = train("--model", "gcn", "--strategy", "async", "--nprocs", "3", "--max-epochs", "15",
-                 "--staleness", "2", "--data-dir", str(tiny_data), "--run-dir", str(run))
+    proc = train(
+        "--model",
+        "gcn",
+        "--strategy",
+        "async",
+        "--nprocs",
+        "3",
+        "--max-epochs",
+        "15",
+        "--staleness",
+        "2",
+        "--data-dir",
+        str(tiny_data),
+        "--run-dir",
+        str(run),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 30 and metrics["async/staleness_max"] <= 2

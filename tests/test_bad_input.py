@@ -2,6 +2,7 @@
 rank of the job exists: values outside their domain, a model on a dataset it cannot train on, wrong
 types in a config file, hosts the launch agent cannot reach, a run dir that cannot be written, and a
 checkpoint saved by another model, dataset or strategy."""
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,14 @@ import pytest
 import torch
 
 import train as train_script
-from lightning_xd.checkpoints import CheckpointStore
+from lightning_xd.fault_tolerance.checkpoints import CheckpointStore
 
 
 @pytest.fixture
 def no_ranks(monkeypatch):
     """Fails the test if the job's processes would be started (the supervisor builds their command
     line just before it starts them)."""
-    from lightning_xd.supervisor import Supervisor
+    from lightning_xd.fault_tolerance.supervisor import Supervisor
 
     def refuse(self, env):
         raise AssertionError("the job was started: the bad input was not caught in the launching process")
@@ -46,16 +47,30 @@ def launch(one_line_error, no_ranks, tiny_data, tmp_path):
 
 # ---- values outside their domain -------------------------------------------------------------
 OUT_OF_DOMAIN = [
-    ("--max-epochs", "0", []), ("--max-epochs", "-3", []),
-    ("--max-steps", "0", []), ("--max-steps", "-2", []),
-    ("--batch-size", "0", []), ("--lr", "0", []), ("--lr", "-0.1", []), ("--lr", "nan", []), ("--lr", "inf", []),
+    ("--max-epochs", "0", []),
+    ("--max-epochs", "-3", []),
+    ("--max-steps", "0", []),
+    ("--max-steps", "-2", []),
+    ("--batch-size", "0", []),
+    ("--lr", "0", []),
+    ("--lr", "-0.1", []),
+    ("--lr", "nan", []),
+    ("--lr", "inf", []),
     ("--bucket-size-mb", "0", ["--strategy", "mpi"]),
-    ("--microbatches", "0", ["--strategy", "hybrid"]), ("--pipeline-stages", "0", ["--strategy", "hybrid"]),
+    ("--microbatches", "0", ["--strategy", "hybrid"]),
+    ("--pipeline-stages", "0", ["--strategy", "hybrid"]),
     ("--staleness", "-1", ["--strategy", "async"]),
-    ("--hidden-channels", "0", []), ("--dropout", "1.5", []),
-    ("--keep-last", "0", []), ("--ckpt-every-steps", "0", []), ("--ckpt-every-seconds", "-5", []),
-    ("--ckpt-min-seconds", "-1", []), ("--log-every-n-steps", "-1", []), ("--dashboard-every", "-1", []),
-    ("--collective-timeout", "0", []), ("--max-restarts", "-1", []), ("--seed", "-1", []),
+    ("--hidden-channels", "0", []),
+    ("--dropout", "1.5", []),
+    ("--keep-last", "0", []),
+    ("--ckpt-every-steps", "0", []),
+    ("--ckpt-every-seconds", "-5", []),
+    ("--ckpt-min-seconds", "-1", []),
+    ("--log-every-n-steps", "-1", []),
+    ("--dashboard-every", "-1", []),
+    ("--collective-timeout", "0", []),
+    ("--max-restarts", "-1", []),
+    ("--seed", "-1", []),
     ("--min-nprocs", "0", []),
 ]
 
@@ -78,20 +93,26 @@ def test_no_limit_and_defaults_are_in_their_domains(launch):
 
 
 # ---- a model on a dataset it cannot train on -------------------------------------------------
-@pytest.mark.parametrize("model, data, can", [("gcn", "appliances", "cora"),
-                                              ("lstm", "cora", "appliances, sensor-stream"),
-                                              ("graphsage", "qm9", "cora-graph, ppi, synthetic-graph")])
+@pytest.mark.parametrize(
+    "model, data, can",
+    [
+        ("gcn", "appliances", "cora"),
+        ("lstm", "cora", "appliances, sensor-stream"),
+        ("graphsage", "qm9", "cora-graph, ppi, synthetic-graph"),
+    ],
+)
 def test_model_on_a_dataset_it_cannot_train_on(one_line_error, tmp_path, model, data, can):
     """Said before any data is read (the data dir here is empty)."""
-    err = one_line_error("--model", model, "--data", data, "--data-dir", str(tmp_path / "empty"),
-                         "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error(
+        "--model", model, "--data", data, "--data-dir", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "cache")
+    )
     assert f"model {model} cannot train on {data}" in err and f"it trains on {can}" in err, err
 
 
 def test_every_model_trains_on_its_own_dataset_and_says_so_in_the_list(capsys):
-    import datamodules  # noqa: F401
-    import models  # noqa: F401
-    from lightning_xd.registry import DATAMODULES, MODELS
+    import lightning_xd.datamodules  # noqa: F401
+    import lightning_xd.models  # noqa: F401
+    from lightning_xd.launch.registry import DATAMODULES, MODELS
 
     for name in MODELS.names():
         entry = MODELS.get(name)
@@ -102,12 +123,19 @@ def test_every_model_trains_on_its_own_dataset_and_says_so_in_the_list(capsys):
 
 
 # ---- wrong types in a config file ------------------------------------------------------------
-@pytest.mark.parametrize("line, key, expected", [
-    ("max-epochs: ten", "max-epochs", "int"), ("lr: [1, 2]", "lr", "float"),
-    ("fast-dev-run: maybe", "fast-dev-run", "true or false"), ("fault_tolerance: sometimes", "fault_tolerance", "ulfm"),
-    ("hidden-channels: [16]", "hidden-channels", "int"), ("hidden_channels: many", "hidden_channels", "int"),
-    ("dropout: yes", "dropout", "float"), ("batch-size: 0", "batch-size", "at least 1"),
-])
+@pytest.mark.parametrize(
+    "line, key, expected",
+    [
+        ("max-epochs: ten", "max-epochs", "int"),
+        ("lr: [1, 2]", "lr", "float"),
+        ("fast-dev-run: maybe", "fast-dev-run", "true or false"),
+        ("fault_tolerance: sometimes", "fault_tolerance", "ulfm"),
+        ("hidden-channels: [16]", "hidden-channels", "int"),
+        ("hidden_channels: many", "hidden_channels", "int"),
+        ("dropout: yes", "dropout", "float"),
+        ("batch-size: 0", "batch-size", "at least 1"),
+    ],
+)
 def test_wrong_type_in_a_config_file_names_file_key_and_type(launch, tmp_path, line, key, expected):
     config = tmp_path / "run.yaml"
     config.write_text(f"model: gcn\n{line}\n")
@@ -154,7 +182,7 @@ def test_host_that_never_answers_is_an_error_at_start(launch, tmp_path, monkeypa
 
 def test_the_job_is_started_through_the_agent_the_hosts_were_checked_with(tmp_path, monkeypatch):
     """OMPI_MCA_plm_rsh_agent alone: Open MPI 5 ignores it, so the job is given it as PRRTE's agent."""
-    from lightning_xd.supervisor import Supervisor, launch_agent
+    from lightning_xd.fault_tolerance.supervisor import Supervisor, launch_agent
 
     monkeypatch.delenv("PRTE_MCA_plm_ssh_agent", raising=False)
     monkeypatch.setenv("OMPI_MCA_plm_rsh_agent", "ssh -p 2222")
@@ -234,7 +262,7 @@ def test_run_dir_check_holds_for_other_users_and_leaves_nothing_behind(tmp_path)
     import shutil
     import tempfile
 
-    from lightning_xd.runner import check_run_dir
+    from lightning_xd.launch.runner import check_run_dir
 
     base = Path(tempfile.mkdtemp(prefix="xd-run-dir-"))  # in /tmp: pytest's folders are private to root
     try:
@@ -275,7 +303,7 @@ def test_resume_auto_finds_one_saved_by_another_run(launch, tmp_path):
 
 
 def test_checkpoints_that_match_or_predate_the_record_are_resumed(tmp_path, capsys):
-    from lightning_xd.runner import choose_checkpoint
+    from lightning_xd.launch.runner import choose_checkpoint
 
     gcn = {"model": "gcn", "data": "cora", "strategy": "mpi"}
     old = _checkpoint_of(tmp_path / "old" / "checkpoints", 10, None)
@@ -290,10 +318,26 @@ def test_checkpoints_that_match_or_predate_the_record_are_resumed(tmp_path, caps
 def test_checkpoint_without_manifest_is_checked_from_its_content(one_line_error, tiny_data, tmp_path):
     """A .ckpt copied without its manifest still carries the record, in the checkpoint callback's state."""
     path = tmp_path / "copied.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(3)}, "global_step": 5,
-                "callbacks": {"FaultTolerantCheckpoint": {"manifest_info": {"run": CNN}}}}, path)
-    err = one_line_error("--model", "gcn", "--resume", str(path), "--data-dir", str(tiny_data),
-                         "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"))
+    torch.save(
+        {
+            "state_dict": {"w": torch.zeros(3)},
+            "global_step": 5,
+            "callbacks": {"FaultTolerantCheckpoint": {"manifest_info": {"run": CNN}}},
+        },
+        path,
+    )
+    err = one_line_error(
+        "--model",
+        "gcn",
+        "--resume",
+        str(path),
+        "--data-dir",
+        str(tiny_data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
     assert f"checkpoint {path} was saved by model cnn on cifar10 with strategy mpi" in err, err
 
 

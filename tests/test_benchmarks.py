@@ -5,6 +5,7 @@ and the summary; the tests check the files' keys and that their numbers are fini
 headline ones positive), never the values of the ratios. The rest is cheap: flags and one-line
 errors without MPI, and the step-time arithmetic on made-up steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from generators.cifar10 import write_cifar10_batches
 from generators.planetoid import write_planetoid_cora
 
@@ -27,8 +27,15 @@ SCRIPTS = ("allreduce", "strategies", "straggler", "pipeline", "checkpoint", "ru
 
 def run(args: list, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """A subprocess in its own process group: on timeout mpirun gets SIGTERM (it then stops its ranks)."""
-    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -89,10 +96,16 @@ def figure(value: dict) -> None:
 
 def test_summary_has_every_headline_figure(quick_results):
     summary = load(quick_results, "summary-quick")
-    assert_well_formed(summary, "mpi_over_ddp_samples_per_s", "comm_over_raw_mpi_busbw_1MB",
-                       "comm_over_raw_mpi_busbw_64MB", "raw_mpi_busbw_over_memcpy_64MB",
-                       "async_over_mpi_updates_per_s_straggler3x", "pipeline_bubble_measured_over_theory",
-                       "checkpoint_overhead_pct")
+    assert_well_formed(
+        summary,
+        "mpi_over_ddp_samples_per_s",
+        "comm_over_raw_mpi_busbw_1MB",
+        "comm_over_raw_mpi_busbw_64MB",
+        "raw_mpi_busbw_over_memcpy_64MB",
+        "async_over_mpi_updates_per_s_straggler3x",
+        "pipeline_bubble_measured_over_theory",
+        "checkpoint_overhead_pct",
+    )
     assert set(summary["mpi_over_ddp_samples_per_s"]) == {"cnn", "gcn"}
     assert set(summary["pipeline_bubble_measured_over_theory"]) == {"1", "2", "4", "8"}
     assert set(summary["checkpoint_overhead_pct"]) == {"cnn", "gcn"}
@@ -153,11 +166,14 @@ def test_every_script_describes_itself(script):
     assert proc.returncode == 0 and "--" in proc.stdout, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["strategies.py", "--strategies", "zigzag"], "unknown strategy zigzag"),
-    (["straggler.py", "--nprocs", "2"], "--nprocs must be at least 3"),
-    (["job.py", "sorting", "--quick"], "unknown benchmark 'sorting'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["lightning_xd.strategies.py", "--strategies", "zigzag"], "unknown strategy zigzag"),
+        (["straggler.py", "--nprocs", "2"], "--nprocs must be at least 3"),
+        (["job.py", "sorting", "--quick"], "unknown benchmark 'sorting'"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(args, message):
     proc = run([BENCH / args[0], *args[1:]])
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
@@ -170,8 +186,10 @@ def test_time_split_arithmetic_on_made_up_steps():
         return StepRecord(index, exchange, seconds, None, 10)
 
     # two ranks; steps 0 and 2 exchange gradients, 1 and 3 do not (rank 1 computes 2 ms longer)
-    per_rank = [[step(0, True, 0.012), step(1, False, 0.008), step(2, True, 0.012), step(3, False, 0.008)],
-                [step(0, True, 0.012), step(1, False, 0.010), step(2, True, 0.012), step(3, False, 0.010)]]
+    per_rank = [
+        [step(0, True, 0.012), step(1, False, 0.008), step(2, True, 0.012), step(3, False, 0.008)],
+        [step(0, True, 0.012), step(1, False, 0.010), step(2, True, 0.012), step(3, False, 0.010)],
+    ]
     assert step_seconds(per_rank) == pytest.approx(0.012)
     assert step_seconds(per_rank, exchange=False) == pytest.approx(0.009)
     assert wait_for_slowest(per_rank) == pytest.approx(0.001)

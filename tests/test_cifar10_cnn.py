@@ -1,14 +1,15 @@
 """CNN on CIFAR-10: both on-disk layouts, the split, augmentation, the pipeline contract, train.py runs, errors."""
+
 import shutil
 
 import numpy as np
 import pytest
 import torch
-
-from datamodules import cifar10
-from datamodules.cifar10 import CIFAR10DataModule, normalise, random_crop_and_flip
 from generators.cifar10 import CLASSES, class_colour, write_cifar10_batches, write_cifar10_jpegs
-from models.cnn import CNN
+
+from lightning_xd.datamodules import cifar10
+from lightning_xd.datamodules.cifar10 import CIFAR10DataModule, normalise, random_crop_and_flip
+from lightning_xd.models.cnn import CNN
 
 TRAIN_PER_CLASS, TEST_PER_CLASS, VAL_SIZE = 4, 2, 10
 
@@ -104,8 +105,9 @@ def test_pipeline_stages_are_the_model():
 
 
 def test_missing_data_names_both_layouts(one_line_error, tmp_path):
-    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "empty"),
-                         "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error(
+        "--model", "cnn", "--data-dir", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "cache")
+    )
     assert "cifar10_jpg" in err and "cifar-10-batches-py" in err
 
 
@@ -120,10 +122,8 @@ def test_corrupt_jpeg_names_the_file(one_line_error, cifar_jpegs, tmp_path):
 def test_corrupt_python_batch_names_the_file(one_line_error, tmp_path):
     folder = write_cifar10_batches(tmp_path / "data", per_batch=10)
     (folder / "data_batch_3").write_bytes(b"not a pickle")
-    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "data"),
-                         "--cache-dir", str(tmp_path / "c"))
+    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "c"))
     assert "data_batch_3" in err and "not a CIFAR-10 python batch" in err
     (folder / "test_batch").unlink()
-    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "data"),
-                         "--cache-dir", str(tmp_path / "c"))
+    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "c"))
     assert "missing test_batch" in err

@@ -1,9 +1,9 @@
 """The comm layer: round trips of several dtypes and shapes, non-contiguous and sparse inputs."""
+
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, _env
 
 
@@ -15,14 +15,15 @@ def test_round_trips_under_mpirun(mpirun, ranks):
 
 def test_round_trips_in_one_process_without_mpirun(tmp_path):
     script = REPO / "tests" / "mpi_scripts" / "comm_roundtrips.py"
-    proc = subprocess.run([sys.executable, str(script)], env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0: comm round trips OK" in proc.stdout
 
 
 def test_unknown_reduce_op_is_a_clear_error():
-    from lightning_xd.comm import op_name
+    from lightning_xd.comm.communicator import op_name
 
     assert op_name("AVG") == "mean" and op_name("sum") == "sum"
     with pytest.raises(ValueError, match="unsupported reduce op"):

@@ -1,10 +1,11 @@
 """Ranks placed by our mpirun command run as many threads as they have cores, never stacked on one."""
+
 import json
 import os
 
 import pytest
 
-from lightning_xd.cores import threads_for
+from lightning_xd.launch.cores import threads_for
 
 
 @pytest.mark.parametrize("nprocs", [1, 2])

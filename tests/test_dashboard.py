@@ -1,4 +1,5 @@
 """The OpenCV dashboard: rendered from recorded figures, one curve per rank."""
+
 import numpy as np
 
 from lightning_xd.viz import render
@@ -7,9 +8,17 @@ from lightning_xd.viz.dashboard import PANEL
 
 
 def _figures(ranks=2, steps=30):
-    return {"title": "test", "ranks": {r: {"step": list(range(1, steps + 1)),
-                                           "loss": [1.0 / (s + r) for s in range(1, steps + 1)],
-                                           "samples_per_s": [100.0 + 10 * r] * steps} for r in range(ranks)}}
+    return {
+        "title": "test",
+        "ranks": {
+            r: {
+                "step": list(range(1, steps + 1)),
+                "loss": [1.0 / (s + r) for s in range(1, steps + 1)],
+                "samples_per_s": [100.0 + 10 * r] * steps,
+            }
+            for r in range(ranks)
+        },
+    }
 
 
 def _has_colour(region: np.ndarray, bgr) -> bool:
@@ -20,7 +29,7 @@ def test_dashboard_has_the_expected_size_and_one_curve_per_rank():
     image = render(_figures(ranks=3))
     assert image.shape == (40 + PANEL[1], 2 * PANEL[0], 3) and image.dtype == np.uint8
     assert image.std() > 10, "blank image"
-    loss_panel = image[40 + 40:40 + PANEL[1] - 50, 70:PANEL[0] - 140]  # plot area, legend excluded
+    loss_panel = image[40 + 40 : 40 + PANEL[1] - 50, 70 : PANEL[0] - 140]  # plot area, legend excluded
     for rank in range(3):
         assert _has_colour(loss_panel, colour(rank)), f"no curve for rank {rank}"
     assert not _has_colour(loss_panel, colour(3))
@@ -42,6 +51,6 @@ def test_a_series_and_its_persistence_baseline_share_one_panel():
         figures["ranks"][r]["train/running_rmse_persistence"] = [0.8 + r] * 30
     image = render(figures)
     assert image.shape[0] == 40 + 2 * PANEL[1]  # loss, throughput; running rmse with its baseline
-    panel = image[40 + PANEL[1] + 40:40 + 2 * PANEL[1] - 50, 70:PANEL[0] - 140]
+    panel = image[40 + PANEL[1] + 40 : 40 + 2 * PANEL[1] - 50, 70 : PANEL[0] - 140]
     for series in range(4):  # rank 0, rank 0 persistence, rank 1, rank 1 persistence
         assert _has_colour(panel, colour(series)), f"series {series} missing"

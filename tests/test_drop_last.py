@@ -1,11 +1,11 @@
 """A training loader with ``drop_last=True``: every epoch ends with validation, under every strategy that
 wraps the loader to resume mid-epoch (``single``, ``ddp``, ``mpi``)."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, _env
 
 
@@ -17,8 +17,14 @@ def check(result: dict, batches_per_epoch: int) -> None:
 
 def test_single_process(tmp_path):
     script = REPO / "tests" / "mpi_scripts" / "fit_drop_last.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "single"], env=_env(tmp_path), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "single"],
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check(json.loads((tmp_path / "single.json").read_text()), batches_per_epoch=70 // 8)
 

@@ -4,12 +4,12 @@ normal beats only in training, and one-line errors for bad beat files."""
 import numpy as np
 import pytest
 import torch
+from generators.ecg import COUNTS, write_ecg5000
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import Trainer
 
-from datamodules.ecg import ECGDataModule
-from generators.ecg import COUNTS, write_ecg5000
-from models.autoencoder import DenseAutoencoder
+from lightning_xd.datamodules.ecg import ECGDataModule
+from lightning_xd.models.autoencoder import DenseAutoencoder
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,17 @@ def test_learns_to_tell_abnormal_beats(ecg_data, tmp_path):
     datamodule = ECGDataModule(str(ecg_data), str(tmp_path / "cache"))
     model = DenseAutoencoder(**datamodule.model_kwargs())
     # an environment of our own: Lightning's probe for MPI must not run outside an MPI job
-    trainer = Trainer(accelerator="cpu", devices=1, plugins=[LightningEnvironment()], max_epochs=20,
-                      limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        plugins=[LightningEnvironment()],
+        max_epochs=20,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=datamodule)
     metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     assert metrics["test/auroc"] > 0.9, metrics
@@ -36,7 +44,7 @@ def test_auroc_ranks_scores_alike_whatever_batch_they_come_in():
     """Errors above 1 in one rank's batch and below 1 in another's must still be compared as errors."""
     from sklearn.metrics import roc_auc_score
 
-    from models.autoencoder import ScoreMetrics
+    from lightning_xd.models.autoencoder import ScoreMetrics
 
     scores = ScoreMetrics()
     low = torch.tensor([0.1, 0.2, 0.5, 0.6])
@@ -74,19 +82,23 @@ def _row(label: float, length: int = 140) -> str:
     return "".join(f"{v:15.7e}" for v in [label, *np.zeros(length)])
 
 
-@pytest.mark.parametrize("content, expected", [
-    (None, "missing ECG5000_TRAIN.txt"),
-    (_row(1) + "\n" + _row(2, 139) + "\n", "could not be read"),
-    (_row(1, 100) + "\n", "has 101 columns"),
-    (_row(1) + "\n" + _row(7) + "\n", "row 2 has class 7"),
-    ("not numbers at all\n", "could not be read"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "missing ECG5000_TRAIN.txt"),
+        (_row(1) + "\n" + _row(2, 139) + "\n", "could not be read"),
+        (_row(1, 100) + "\n", "has 101 columns"),
+        (_row(1) + "\n" + _row(7) + "\n", "row 2 has class 7"),
+        ("not numbers at all\n", "could not be read"),
+    ],
+)
 def test_bad_beat_file_is_one_line(one_line_error, tmp_path, monkeypatch, content, expected):
     monkeypatch.setenv("XD_DOWNLOAD", "0")
     folder = tmp_path / "data" / "ecg" / "ecg5000"
     folder.mkdir(parents=True)
     if content is not None:
         (folder / "ECG5000_TRAIN.txt").write_text(content)
-    err = one_line_error("--model", "autoencoder", "--data-dir", str(tmp_path / "data"),
-                         "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error(
+        "--model", "autoencoder", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")
+    )
     assert expected in err and "ECG5000_TRAIN.txt" in err

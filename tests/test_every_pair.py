@@ -5,6 +5,7 @@
 The world-size-1 runs share one subprocess and the two-process runs one mpirun job
 (``batch_runs.py``): a process start costs ~9 s here, and there are some forty runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, _env
 
 CONFIGS = sorted((REPO / "examples").glob("*/config.yaml"))
@@ -76,12 +76,32 @@ PAIRS = {
     "cnn1d-har": (["--model", "cnn1d"], check_latency),
     "mpnn-qm9": (["--model", "mpnn", *SHORT_QM9], check_molecules),
     "graphsage-cora": (["--model", "graphsage", "--data", "cora-graph", "--batch-size", "32"], check_embeddings),
-    "graphsage-ppi": (["--model", "graphsage", "--data", "ppi", "--max-epochs", "1", "--batch-size", "32",
-                       "--hidden-channels", "16"], check_embeddings),
-    "graphsage-synthetic": (["--model", "graphsage", "--data", "synthetic-graph", *SMALL_GRAPH, "--max-epochs", "1",
-                             "--batch-size", "32", "--hidden-channels", "16"], check_communities),
+    "graphsage-ppi": (
+        ["--model", "graphsage", "--data", "ppi", "--max-epochs", "1", "--batch-size", "32", "--hidden-channels", "16"],
+        check_embeddings,
+    ),
+    "graphsage-synthetic": (
+        [
+            "--model",
+            "graphsage",
+            "--data",
+            "synthetic-graph",
+            *SMALL_GRAPH,
+            "--max-epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--hidden-channels",
+            "16",
+        ],
+        check_communities,
+    ),
 }
-SHORT = {"mpnn-qm9", "graphsage-ppi", "graphsage-synthetic"}  # a whole short epoch, not one batch: the counts are checked
+SHORT = {
+    "mpnn-qm9",
+    "graphsage-ppi",
+    "graphsage-synthetic",
+}  # a whole short epoch, not one batch: the counts are checked
 
 
 def write_generated_data(root: Path) -> Path:
@@ -119,8 +139,18 @@ def at_world_size_one(config: Path) -> list[str]:
 def _run_flags(name: str, strategy: str, nprocs: int, data: Path, runs: Path) -> list[str]:
     flags, _ = PAIRS[name]
     length = [] if name in SHORT else ["--fast-dev-run"]
-    return [*flags, *length, "--strategy", strategy, "--nprocs", str(nprocs), "--data-dir", str(data),
-            "--run-dir", str(runs / f"{name}-{strategy}-{nprocs}")]
+    return [
+        *flags,
+        *length,
+        "--strategy",
+        strategy,
+        "--nprocs",
+        str(nprocs),
+        "--data-dir",
+        str(data),
+        "--run-dir",
+        str(runs / f"{name}-{strategy}-{nprocs}"),
+    ]
 
 
 def _batch(tmp: Path, name: str, spec: list[dict], ranks: int) -> dict:
@@ -131,7 +161,7 @@ def _batch(tmp: Path, name: str, spec: list[dict], ranks: int) -> dict:
     if ranks == 1:
         cmd = [sys.executable, *script]
     else:
-        from lightning_xd.launcher import mpirun_command, mpirun_environment
+        from lightning_xd.launch.launcher import mpirun_command, mpirun_environment
 
         cmd, env = mpirun_command(ranks, script), {**mpirun_environment(), **env}
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
@@ -146,9 +176,22 @@ def runs(tmp_path_factory):
     data, run_dir = write_generated_data(tmp / "data"), tmp / "runs"
     one = [{"name": f"{n}-{s}", "argv": _run_flags(n, s, 1, data, run_dir)} for n in PAIRS for s in ("single", "async")]
     one.append({"name": "gcn-cora-mpi", "argv": _run_flags("gcn-cora", "mpi", 1, data, run_dir)})
-    one += [{"name": c.parent.name, "argv": ["--config", str(c), *at_world_size_one(c), "--fast-dev-run",
-                                             "--data-dir", str(data), "--run-dir", str(run_dir / c.parent.name)]}
-            for c in CONFIGS]
+    one += [
+        {
+            "name": c.parent.name,
+            "argv": [
+                "--config",
+                str(c),
+                *at_world_size_one(c),
+                "--fast-dev-run",
+                "--data-dir",
+                str(data),
+                "--run-dir",
+                str(run_dir / c.parent.name),
+            ],
+        }
+        for c in CONFIGS
+    ]
     two = [{"name": f"{n}-mpi", "argv": _run_flags(n, "mpi", 2, data, run_dir)} for n in PAIRS]
     return {"one": _batch(tmp, "one", one, 1), "two": _batch(tmp, "two", two, 2), "dir": run_dir}
 
@@ -162,8 +205,7 @@ def _metrics(runs, batch: str, run: str, directory: str) -> tuple[dict, str]:
 @pytest.mark.parametrize("name", PAIRS)
 @pytest.mark.parametrize("strategy, world", [("single", 1), ("async", 1), ("mpi", 2)])
 def test_pair_trains_and_reports_its_metrics(runs, name, strategy, world):
-    metrics, output = _metrics(runs, "one" if world == 1 else "two", f"{name}-{strategy}",
-                               f"{name}-{strategy}-{world}")
+    metrics, output = _metrics(runs, "one" if world == 1 else "two", f"{name}-{strategy}", f"{name}-{strategy}-{world}")
     assert metrics["world_size"] == world and metrics["strategy"] == strategy
     assert metrics["global_step"] >= 1, "trained on no batch"
     PAIRS[name][1](metrics, world, output)
@@ -178,8 +220,12 @@ def test_mpi_at_world_size_one_runs_in_process(runs):
 def test_example_config_runs_fast_dev_run(runs, config):
     settings = _settings(config)
     metrics, _ = _metrics(runs, "one", config.parent.name, config.parent.name)
-    assert (metrics["model"], metrics["data"], metrics["strategy"], metrics["world_size"]) == \
-        (settings["model"], settings["data"], settings["strategy"], 1)
+    assert (metrics["model"], metrics["data"], metrics["strategy"], metrics["world_size"]) == (
+        settings["model"],
+        settings["data"],
+        settings["strategy"],
+        1,
+    )
     assert metrics["global_step"] >= 1, f"{config.parent.name} trained on no batch"
     assert any(key.startswith("test/") for key in metrics)
 

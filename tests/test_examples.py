@@ -1,6 +1,7 @@
 """Every ``examples/*/config.yaml`` states what it shows and names registered things with flags they
 take. That each one runs with ``--fast-dev-run`` on generated data is tested in test_every_pair.py,
 in the one process that runs every pair at world size 1."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,12 +26,11 @@ def test_there_are_eight_numbered_examples():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.parent.name)
 def test_config_states_what_it_shows_and_names_registered_things(config):
-    from lightning_xd import cli, runner
-    from lightning_xd.registry import STRATEGIES, accepted_settings
-
-    import datamodules  # noqa: F401  (registers the names)
-    import models  # noqa: F401
-    import strategies  # noqa: F401
+    import lightning_xd.datamodules  # noqa: F401  (registers the names)
+    import lightning_xd.models  # noqa: F401
+    import lightning_xd.strategies  # noqa: F401
+    from lightning_xd.launch import cli, runner
+    from lightning_xd.launch.registry import STRATEGIES, accepted_settings
 
     assert config.read_text().startswith("# "), "the first line says what the example shows"
     settings = _settings(config)

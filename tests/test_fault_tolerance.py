@@ -1,4 +1,5 @@
 """Fault tolerance: verified checkpoints, resume, in-job recovery (ULFM), supervisor restarts."""
+
 import collections
 import glob
 import json
@@ -8,8 +9,13 @@ import pytest
 import torch
 
 import train as train_script
-from lightning_xd.checkpoints import BackgroundCheckpointIO, CheckpointStore, VerifiedCheckpointIO, snapshot
-from lightning_xd.runner import choose_checkpoint
+from lightning_xd.fault_tolerance.checkpoints import (
+    BackgroundCheckpointIO,
+    CheckpointStore,
+    VerifiedCheckpointIO,
+    snapshot,
+)
+from lightning_xd.launch.runner import choose_checkpoint
 
 ULFM = {"XD_FAULT_TOLERANCE": "ulfm"}
 
@@ -33,8 +39,16 @@ def test_killed_rank_is_survived_inside_the_job(mpirun, tmp_path):
     """3 ranks, one SIGKILLed mid-epoch: the job finishes on 2 without restart, every sample of every
     epoch trained on exactly once, and the final loss close to an undisturbed run's."""
     hit, calm = tmp_path / "hit", tmp_path / "calm"
-    mpirun(3, "train_tiny_ft.py", str(hit), "3", "kill:rank=1,step=3", mpirun_args=["--with-ft", "ulfm"], env=ULFM,
-           timeout=240)
+    mpirun(
+        3,
+        "train_tiny_ft.py",
+        str(hit),
+        "3",
+        "kill:rank=1,step=3",
+        mpirun_args=["--with-ft", "ulfm"],
+        env=ULFM,
+        timeout=240,
+    )
     mpirun(3, "train_tiny_ft.py", str(calm), "3", timeout=240)
     result, undisturbed = torch.load(hit / "result.pt"), torch.load(calm / "result.pt")
     assert result["world"] == 2 and (hit / "COMPLETED").exists()
@@ -59,13 +73,23 @@ KILLS = {
 @pytest.mark.parametrize("case", KILLS)
 def test_every_sample_trained_once_wherever_the_kill_lands(mpirun, tmp_path, case):
     fault, settings = KILLS[case]
-    mpirun(3, "train_tiny_ft.py", str(tmp_path), "2", fault, *settings, mpirun_args=["--with-ft", "ulfm"], env=ULFM,
-           timeout=240)
+    mpirun(
+        3,
+        "train_tiny_ft.py",
+        str(tmp_path),
+        "2",
+        fault,
+        *settings,
+        mpirun_args=["--with-ft", "ulfm"],
+        env=ULFM,
+        timeout=240,
+    )
     result = torch.load(tmp_path / "result.pt")
     events = result["summary"]["fault/recovery_events"]
     assert result["world"] == 2 and len(events) == 1, events
-    assert_each_sample_once_per_epoch(trained_samples(tmp_path), size=36, epochs=2,
-                                      padded=sum(e["padded_samples"] for e in events))
+    assert_each_sample_once_per_epoch(
+        trained_samples(tmp_path), size=36, epochs=2, padded=sum(e["padded_samples"] for e in events)
+    )
     accumulate = int(dict(s.split("=") for s in settings).get("accumulate", 1))
     steps_after = [r["step"] for r in trained_samples(tmp_path) if r["world"] == 2]
     assert len(set(steps_after)) == len(steps_after) // 2, "both survivors take every step"
@@ -91,12 +115,35 @@ def _final_state(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("strategy, nprocs", [("single", "1"), ("mpi", "2")])
 def test_supervisor_restart_ends_bit_identical(train, tiny_data, tmp_path, strategy, nprocs):
-    common = ["--model", "gcn", "--strategy", strategy, "--nprocs", nprocs, "--max-epochs", "3", "--batch-size", "3",
-              "--ckpt-every-steps", "2", "--fault-tolerance", "none", "--data-dir", str(tiny_data)]
+    common = [
+        "--model",
+        "gcn",
+        "--strategy",
+        strategy,
+        "--nprocs",
+        nprocs,
+        "--max-epochs",
+        "3",
+        "--batch-size",
+        "3",
+        "--ckpt-every-steps",
+        "2",
+        "--fault-tolerance",
+        "none",
+        "--data-dir",
+        str(tiny_data),
+    ]
     calm = train(*common, "--run-dir", str(tmp_path / "calm"))
     assert calm.returncode == 0, calm.stderr[-2000:]
-    hit = train(*common, "--run-dir", str(tmp_path / "hit"), "--max-restarts", "2",
-                "--inject-fault", f"kill:rank={int(nprocs) - 1},step=9")  # mid-epoch for both
+    hit = train(
+        *common,
+        "--run-dir",
+        str(tmp_path / "hit"),
+        "--max-restarts",
+        "2",
+        "--inject-fault",
+        f"kill:rank={int(nprocs) - 1},step=9",
+    )  # mid-epoch for both
     assert hit.returncode == 0, hit.stderr[-3000:]
     assert "restarting" in hit.stderr and "resuming from" in hit.stdout
     metrics = json.loads((tmp_path / "hit" / "metrics.json").read_text())
@@ -107,8 +154,22 @@ def test_supervisor_restart_ends_bit_identical(train, tiny_data, tmp_path, strat
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(train, tiny_data, tmp_path):
-    common = ["--model", "gcn", "--max-epochs", "2", "--batch-size", "3", "--ckpt-every-steps", "2",
-              "--background-checkpoints", "false", "--data-dir", str(tiny_data), "--run-dir", str(tmp_path / "run")]
+    common = [
+        "--model",
+        "gcn",
+        "--max-epochs",
+        "2",
+        "--batch-size",
+        "3",
+        "--ckpt-every-steps",
+        "2",
+        "--background-checkpoints",
+        "false",
+        "--data-dir",
+        str(tiny_data),
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
     hit = train(*common, "--inject-fault", "during-checkpoint:rank=0,step=4")
     assert hit.returncode != 0
     store = CheckpointStore(tmp_path / "run" / "checkpoints")
@@ -123,8 +184,9 @@ def _fake_checkpoints(folder: Path, steps: list[int]) -> CheckpointStore:
     store = CheckpointStore(folder)
     for step in steps:
         name = f"step-{step:09d}"
-        torch.save({"state_dict": {"w": torch.full((3,), float(step))}, "global_step": step},
-                   store.temporary_path(name))
+        torch.save(
+            {"state_dict": {"w": torch.full((3,), float(step))}, "global_step": step}, store.temporary_path(name)
+        )
         store.commit(name, {"global_step": step, "epoch": 0})
     return store
 
@@ -175,8 +237,20 @@ def test_finished_run_starts_afresh_and_keeps_old_checkpoints_aside(tmp_path, ca
 def test_garbage_resume_path_is_a_one_line_error(tiny_data, tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00not a checkpoint")
-    code = train_script.main(["--model", "gcn", "--resume", str(garbage), "--data-dir", str(tiny_data),
-                              "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    code = train_script.main(
+        [
+            "--model",
+            "gcn",
+            "--resume",
+            str(garbage),
+            "--data-dir",
+            str(tiny_data),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "is not a readable checkpoint" in err, err
 
@@ -188,7 +262,7 @@ def test_supervisor_ends_a_job_once_a_host_stops_answering(tmp_path):
     import threading
     import time
 
-    from lightning_xd.supervisor import HOST_CHECK_SECONDS, Supervisor
+    from lightning_xd.fault_tolerance.supervisor import HOST_CHECK_SECONDS, Supervisor
 
     down = tmp_path / "host-b-down"
     agent = tmp_path / "agent.sh"  # answers for every host but b once it is down
@@ -222,10 +296,36 @@ def test_killed_host_is_survived_by_the_supervisor(tiny_data, tmp_path):
     hosts = EmulatedHosts(3, tmp_path)
     run_dir = tmp_path / "run"
     env = {**_env(tmp_path), **hosts.mpi_environment()}
-    cmd = [sys.executable, str(REPO / "train.py"), "--model", "gcn", "--strategy", "mpi", "--nprocs", "3",
-           "--hostfile", str(hosts.hostfile()), "--launch-agent", str(hosts.agent), "--max-restarts", "2", "--min-nprocs", "2",
-           "--max-epochs", "12", "--batch-size", "2", "--ckpt-every-steps", "2", "--fault-tolerance", "none",
-           "--data-dir", str(tiny_data), "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--model",
+        "gcn",
+        "--strategy",
+        "mpi",
+        "--nprocs",
+        "3",
+        "--hostfile",
+        str(hosts.hostfile()),
+        "--launch-agent",
+        str(hosts.agent),
+        "--max-restarts",
+        "2",
+        "--min-nprocs",
+        "2",
+        "--max-epochs",
+        "12",
+        "--batch-size",
+        "2",
+        "--ckpt-every-steps",
+        "2",
+        "--fault-tolerance",
+        "none",
+        "--data-dir",
+        str(tiny_data),
+        "--run-dir",
+        str(run_dir),
+    ]
     try:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180

@@ -1,9 +1,9 @@
 """Gradient buckets where ranks differ: gradients finished in different orders, parameters used on
 one rank only or on none, parameters unfrozen mid-training. Every case ends with the same
 parameters on both ranks, equal to one process trained on the union of their batches."""
+
 import pytest
 import torch
-
 from gradient_cases import CASES, union_reference
 
 TRAINED = ["order", "partly-used", "unfrozen"]
@@ -42,7 +42,7 @@ def test_without_find_unused_parameters_every_rank_names_the_unused_ones(ranks):
 
 
 def test_default_buckets_cut_a_small_model_into_several():
-    from lightning_xd.gradient_buckets import bucket_limits
+    from lightning_xd.parallel.gradient_buckets import bucket_limits
 
     mb = 2**20
     first, later = bucket_limits(int(0.9 * mb), None)  # the CIFAR CNN

@@ -2,18 +2,25 @@
 generated PPI-layout files and on a generated graph (one epoch, one process and two MPI processes), the mpi
 strategy's sparse table gradients against single-process training on the union of the batches,
 and one-line errors for bad PPI files."""
+
 import json
 import shutil
 
 import pytest
 import torch
+from generators.ppi import write_ppi
 
 import train as train_script
-from datamodules.partitioned_graph import (expand_rows, graph_part, metis_membership, sample_neighbours,
-                                           sampled_subgraph, to_csr)
-from datamodules.synthetic_graph import SyntheticGraphDataModule
-from generators.ppi import write_ppi
-from models.graphsage import GraphSAGE
+from lightning_xd.datamodules.partitioned_graph import (
+    expand_rows,
+    graph_part,
+    metis_membership,
+    sample_neighbours,
+    sampled_subgraph,
+    to_csr,
+)
+from lightning_xd.datamodules.synthetic_graph import SyntheticGraphDataModule
+from lightning_xd.models.graphsage import GraphSAGE
 
 SMALL_GRAPH = ["--data", "synthetic-graph", "--num-nodes", "400", "--num-features", "8", "--num-communities", "4"]
 
@@ -47,14 +54,14 @@ def test_parts_cover_every_node_once_with_their_halo(small_graph, parts):
     owned_by = torch.zeros(num_nodes, dtype=torch.long)
     for p in range(parts):
         part = graph_part(small_graph, rowptr, col, membership, p)
-        owned, halo = part["node_ids"][:part["num_owned"]], part["node_ids"][part["num_owned"]:]
+        owned, halo = part["node_ids"][: part["num_owned"]], part["node_ids"][part["num_owned"] :]
         owned_by[owned] += 1
         expected_halo = set().union(*(neighbours[n] for n in owned.tolist())) - set(owned.tolist())
         assert set(halo.tolist()) == expected_halo
         assert 0.3 * num_nodes / parts < part["num_owned"] < 1.7 * num_nodes / parts  # METIS balances
         local = part["node_ids"]
         for i in range(part["num_owned"]):  # an owned node keeps every neighbour
-            row = part["col"][part["rowptr"][i]:part["rowptr"][i + 1]]
+            row = part["col"][part["rowptr"][i] : part["rowptr"][i + 1]]
             assert set(local[row].tolist()) == neighbours[int(local[i])]
         assert torch.equal(part["x"], small_graph["x"][local])
     assert torch.equal(owned_by, torch.ones(num_nodes, dtype=torch.long))
@@ -89,9 +96,25 @@ def _metrics(run_dir):
 def test_one_epoch_in_process(ppi_dir, tmp_path, data):
     data_args = ["--data", "ppi"] if data == "ppi" else SMALL_GRAPH
     run_dir = tmp_path / "run"
-    code = train_script.main(["--model", "graphsage", *data_args, "--max-epochs", "1", "--batch-size", "32",
-                              "--hidden-channels", "16", "--data-dir", str(ppi_dir), "--cache-dir",
-                              str(tmp_path / "cache"), "--run-dir", str(run_dir)])
+    code = train_script.main(
+        [
+            "--model",
+            "graphsage",
+            *data_args,
+            "--max-epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--hidden-channels",
+            "16",
+            "--data-dir",
+            str(ppi_dir),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
     assert code == 0
     metrics = _metrics(run_dir)
     assert 0 <= metrics["test/micro_f1"] <= 1 and metrics["test/peak_rss_mb_rank0"] > 0
@@ -138,8 +161,9 @@ def _broken_ppi(ppi_dir, tmp_path):
 
 
 def _run(one_line_error, data_dir, tmp_path):
-    return one_line_error("--model", "graphsage", "--data", "ppi", "--data-dir", str(data_dir),
-                          "--cache-dir", str(tmp_path / "cache"))
+    return one_line_error(
+        "--model", "graphsage", "--data", "ppi", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache")
+    )
 
 
 def test_missing_ppi_files(one_line_error, tmp_path, ppi_dir):
@@ -150,12 +174,18 @@ def test_missing_ppi_files(one_line_error, tmp_path, ppi_dir):
     assert "valid_labels.npy" in err and "train_graph.json" not in err
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("train_graph.json", "{not json", "train_graph.json is not node-link graph JSON"),
-    ("test_graph.json", '{"nodes": [{"id": 0}], "links": [{"source": 0, "target": 7}]}',
-     "test_graph.json is not node-link graph JSON"),
-    ("valid_feats.npy", "not numpy", "valid_feats.npy is not a .npy array"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("train_graph.json", "{not json", "train_graph.json is not node-link graph JSON"),
+        (
+            "test_graph.json",
+            '{"nodes": [{"id": 0}], "links": [{"source": 0, "target": 7}]}',
+            "test_graph.json is not node-link graph JSON",
+        ),
+        ("valid_feats.npy", "not numpy", "valid_feats.npy is not a .npy array"),
+    ],
+)
 def test_malformed_ppi_files(one_line_error, tmp_path, ppi_dir, name, content, expected):
     broken = _broken_ppi(ppi_dir, tmp_path)
     (broken / "ppi" / name).write_text(content)

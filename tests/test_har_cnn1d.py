@@ -1,15 +1,16 @@
 """1D CNN on HAPT windows: windowing, the split by person, rotations, per-person evaluation, errors."""
+
 import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-
-from datamodules import har
-from datamodules.har import HARDataModule, random_rotation
-from models.cnn1d import CNN1D, own_batch_statistics
 from generators.hapt import GAP, SEGMENT, write_hapt
+
+from lightning_xd.datamodules import har
+from lightning_xd.datamodules.har import HARDataModule, random_rotation
+from lightning_xd.models.cnn1d import CNN1D, own_batch_statistics
 
 TRAIN_USERS, TEST_USERS, VAL_USER = (1, 3, 5, 6, 7, 8), (2, 4, 9, 10), 8
 WINDOWS_PER_SEGMENT = (SEGMENT - 128) // 64 + 1
@@ -59,8 +60,8 @@ def test_windows_lie_inside_basic_activity_segments(hapt, tmp_path):
     signal = torch.from_numpy(np.concatenate([acc, gyro], axis=1).T)
     first = torch.nonzero(users == 1)[0].item()
     assert labels[first] == 0
-    assert torch.equal(windows[first], signal[:, GAP:GAP + 128])
-    assert torch.equal(windows[first + 1], signal[:, GAP + 64:GAP + 192])
+    assert torch.equal(windows[first], signal[:, GAP : GAP + 128])
+    assert torch.equal(windows[first + 1], signal[:, GAP + 64 : GAP + 192])
     assert dm.model_kwargs() == {"in_channels": 6, "num_classes": 6}
 
 
@@ -83,8 +84,9 @@ def test_rotation_turns_both_sensors_alike(hapt, tmp_path):
     acc0, gyro0 = original.split(3)
     assert torch.allclose(acc.norm(dim=0), acc0.norm(dim=0), atol=1e-5)  # lengths kept
     assert torch.allclose((acc * gyro).sum(0), (acc0 * gyro0).sum(0), atol=1e-5)  # one rotation for both
-    assert torch.equal(dm.val_set[0][0], dm.val_set.windows[0]) and torch.equal(dm.test_set[0][0],
-                                                                                 dm.test_set.windows[0])
+    assert torch.equal(dm.val_set[0][0], dm.val_set.windows[0]) and torch.equal(
+        dm.test_set[0][0], dm.test_set.windows[0]
+    )
 
 
 def test_lying_windows_roll_about_the_body_axis_and_others_do_not(hapt, tmp_path):
@@ -167,8 +169,7 @@ def _broken_copy(hapt, tmp_path):
 
 
 def _har_error(one_line_error, data_dir, tmp_path, *flags):
-    return one_line_error("--model", "cnn1d", "--data-dir", str(data_dir),
-                          "--cache-dir", str(tmp_path / "c"), *flags)
+    return one_line_error("--model", "cnn1d", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "c"), *flags)
 
 
 def test_missing_files(one_line_error, hapt, tmp_path):
@@ -190,17 +191,20 @@ def test_malformed_files_are_named(one_line_error, hapt, tmp_path):
     shutil.copy(hapt / "hapt_har" / "RawData" / "acc_exp02_user02.txt", raw)
     (raw / "labels.txt").write_text("1 1 5 250\n")
     assert "not HAPT's labels.txt" in _har_error(one_line_error, data, tmp_path)
-    (raw / "labels.txt").write_text(f"1 1 5 1 {10 ** 6}\n")
+    (raw / "labels.txt").write_text(f"1 1 5 1 {10**6}\n")
     assert "outside the recording" in _har_error(one_line_error, data, tmp_path)
 
 
 def test_bad_user_settings(one_line_error, hapt, tmp_path):
-    assert "share user(s) [4]" in _har_error(one_line_error, hapt, tmp_path, "--train-users", "1,3,4", "--val-user", "1")
+    assert "share user(s) [4]" in _har_error(
+        one_line_error, hapt, tmp_path, "--train-users", "1,3,4", "--val-user", "1"
+    )
     assert "--val-user 2 must be one of" in _har_error(one_line_error, hapt, tmp_path, "--val-user", "2")
     assert "user ids separated by commas" in _har_error(one_line_error, hapt, tmp_path, "--test-users", "two")
     assert "no windows of user(s) 11" in _har_error(one_line_error, hapt, tmp_path, "--test-users", "2,11")
-    assert "--members 0: a model needs at least one member" in _har_error(one_line_error, hapt, tmp_path,
-                                                                             "--members", "0")
+    assert "--members 0: a model needs at least one member" in _har_error(
+        one_line_error, hapt, tmp_path, "--members", "0"
+    )
 
 
 def test_a_training_step_takes_32_windows_over_all_processes_unless_batch_size_is_given(hapt, tmp_path):

@@ -6,6 +6,7 @@ pipeline, the backward hooks, micro-batches of unequal sizes, building on the me
 clipping by the norm over all stages, bf16-mixed and 16-mixed through the precision plugin, LR schedules
 with ModelCheckpoint / EarlyStopping and resuming from a checkpoint, and one-line refusals.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, run_mpi_job
+from mpi_scripts.train_hybrid_features import CLIP, INIT_SCALE, MICROBATCHES, POISON_STEP, STAGES
+from tiny_models import TinyData, TinyPipelined
 from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DistributedSampler
 
-from conftest import REPO, run_mpi_job
-from lightning_xd.microbatch import split_batch
-from mpi_scripts.train_hybrid_features import CLIP, INIT_SCALE, MICROBATCHES, POISON_STEP, STAGES
-from tiny_models import TinyData, TinyPipelined
+from lightning_xd.parallel.microbatch import split_batch
 
 RANKS, REPLICAS = 4, 2
 JOB_TIMEOUT = 240  # under pytest-timeout's 300 s: a hung job still shows the cases that finished
@@ -65,12 +66,19 @@ def replica_batches(data: TinyData, batch_size: int, epoch: int):
         sampler.set_epoch(epoch)
         shards.append(list(sampler))
     for k in range(math.ceil(len(shards[0]) / batch_size)):
-        yield [data.train_set[s[k * batch_size:(k + 1) * batch_size]] for s in shards]
+        yield [data.train_set[s[k * batch_size : (k + 1) * batch_size]] for s in shards]
 
 
-def reference(batch_size: int, epochs: int = 1, clip: float | None = None, schedule: bool = False,
-              microbatched: bool = False, autocast: torch.dtype | None = None, scaler=None,
-              poison_step: int | None = None) -> tuple[dict, dict]:
+def reference(
+    batch_size: int,
+    epochs: int = 1,
+    clip: float | None = None,
+    schedule: bool = False,
+    microbatched: bool = False,
+    autocast: torch.dtype | None = None,
+    scaler=None,
+    poison_step: int | None = None,
+) -> tuple[dict, dict]:
     """Train TinyPipelined in one process on the union of the replicas' batches (each replica's mean loss,
     averaged), or, with ``microbatched``, as the pipeline computes it in reduced precision: each replica's
     gradient accumulated over the same micro-batches (each loss weighted by its share of the replica's
@@ -126,8 +134,9 @@ def assert_stages_equal(ranks: list[dict], want: dict, atol: float, key: str = "
     for r, result in enumerate(ranks):
         assert result[key], f"rank {r} holds no parameters"
         for name, value in result[key].items():
-            assert torch.allclose(value.float(), want[name], atol=atol), \
+            assert torch.allclose(value.float(), want[name], atol=atol), (
                 f"rank {r} ({name}): max difference {(value.float() - want[name]).abs().max():.3g}"
+            )
 
 
 def unsplit_with(ranks: list[dict], key: str = "own") -> TinyPipelined:
@@ -159,10 +168,11 @@ def test_backward_hooks_run_once_per_step_on_every_rank(job):
         own = set(result["stage_keys"])
         for who in ("module", "callback"):
             calls = [c for c in result["hooks"] if c[0] == who]
-            assert [(c[1], c[2]) for c in calls] == [(h, s) for s in range(steps) for h in ("before", "after")], \
+            assert [(c[1], c[2]) for c in calls] == [(h, s) for s in range(steps) for h in ("before", "after")], (
                 f"rank {r}, {who} hooks: {calls}"
+            )
             for step in range(steps):
-                (_, _, _, loss, grads_before), (_, _, _, _, grads_after) = calls[2 * step: 2 * step + 2]
+                (_, _, _, loss, grads_before), (_, _, _, _, grads_after) = calls[2 * step : 2 * step + 2]
                 # the loss of this replica's batch (every stage of the pipeline has it)
                 assert loss == pytest.approx(log["replica_losses"][step][replica_of(r)], abs=1e-5), (r, who, step)
                 assert grads_before is None, f"rank {r}: gradients before backward at step {step}"
@@ -191,8 +201,9 @@ def test_built_on_the_meta_device_other_stages_never_materialised(job):
         own_bytes = sum(b for n, b in result["param_bytes"].items() if n in own)
         # from construction to the end of set-up: this stage, plus one other parameter at a time (and the
         # generator states recorded while building: 5 kB per random initialisation on the CPU)
-        assert result["peak_bytes"] < own_bytes + max(result["param_bytes"].values()) + 0.1 * total, \
+        assert result["peak_bytes"] < own_bytes + max(result["param_bytes"].values()) + 0.1 * total, (
             f"rank {r}: {result['peak_bytes']} bytes allocated at the peak; this stage holds {own_bytes} of {total}"
+        )
         assert result["peak_bytes"] < 0.7 * total, f"rank {r}: {result['peak_bytes']} of {total}"
 
 
@@ -248,8 +259,13 @@ def test_amp16_scales_each_microbatch_loss_and_every_rank_skips_an_overflow(job)
     """16-mixed with a GradScaler: each micro-batch's loss scaled before its backward, the plugin
     unscales; an inf gradient on one rank makes every stage and replica skip that step."""
     ranks = results(job, "amp16")
-    want, log = reference(batch_size=8, microbatched=True, autocast=torch.float16,
-                          scaler=torch.amp.GradScaler("cpu", init_scale=INIT_SCALE), poison_step=POISON_STEP)
+    want, log = reference(
+        batch_size=8,
+        microbatched=True,
+        autocast=torch.float16,
+        scaler=torch.amp.GradScaler("cpu", init_scale=INIT_SCALE),
+        poison_step=POISON_STEP,
+    )
     assert log["scales"] == [INIT_SCALE, INIT_SCALE / 2], "the reference skips the poisoned step, and only it"
     for r, result in enumerate(ranks):
         assert result["scales"] == log["scales"], f"rank {r}: scales {result['scales']}"
@@ -269,7 +285,7 @@ def test_schedules_checkpoint_early_stopping_and_resume(job):
         assert whole["stop_best"] == pytest.approx(min(whole["val_losses"])), f"rank {r}"
         # resumed after the first epoch: the same parameters and learning rates as without the break
         assert result["resumed_steps"] == whole["steps"]
-        assert result["resumed_lrs"] == whole["lrs"][len(whole["lrs"]) - len(result["resumed_lrs"]):]
+        assert result["resumed_lrs"] == whole["lrs"][len(whole["lrs"]) - len(result["resumed_lrs"]) :]
         for name, value in result["resumed"].items():
             assert torch.allclose(value, whole["own"][name], atol=1e-6), f"rank {r}: {name}"
 

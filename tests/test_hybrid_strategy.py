@@ -1,12 +1,13 @@
 """The hybrid strategy: pipeline stages x data-parallel replicas equal single-process training."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import TinyData, TinyPipelined
 from torch.utils.data import DistributedSampler
 
-from lightning_xd.pipeline import partition, schedule
-from lightning_xd.registry import MODELS
-from tiny_models import TinyData, TinyPipelined
+from lightning_xd.launch.registry import MODELS
+from lightning_xd.parallel.pipeline import partition, schedule
 
 if "tiny-pipelined" not in MODELS:  # a pipelined model for the command-line checks
 
@@ -18,10 +19,12 @@ if "tiny-pipelined" not in MODELS:  # a pipelined model for the command-line che
 def single_process_reference(replicas: int, batch_size: int = 8):
     data, model = TinyData(batch_size), TinyPipelined()
     optimizer = model.configure_optimizers()
-    shards = [list(DistributedSampler(data.train_set, num_replicas=replicas, rank=r, shuffle=True, seed=0))
-              for r in range(replicas)]
+    shards = [
+        list(DistributedSampler(data.train_set, num_replicas=replicas, rank=r, shuffle=True, seed=0))
+        for r in range(replicas)
+    ]
     for k in range(len(shards[0]) // batch_size):
-        x, _, y = data.train_set[[i for s in shards for i in s[k * batch_size:(k + 1) * batch_size]]]
+        x, _, y = data.train_set[[i for s in shards for i in s[k * batch_size : (k + 1) * batch_size]]]
         optimizer.zero_grad()
         F.mse_loss(model(x), y).backward()
         optimizer.step()
@@ -81,27 +84,58 @@ def test_partition_balances_parameters():
     assert [list(r) for r in partition([30, 5, 5, 5, 5], 2)] == [[0], [1, 2, 3, 4]]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nprocs", "3", "--pipeline-stages", "2"], "3 processes cannot form pipelines of 2 stages"),
-    (["--nprocs", "2", "--pipeline-stages", "2", "--schedule", "zigzag"], "unknown --schedule 'zigzag'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nprocs", "3", "--pipeline-stages", "2"], "3 processes cannot form pipelines of 2 stages"),
+        (["--nprocs", "2", "--pipeline-stages", "2", "--schedule", "zigzag"], "unknown --schedule 'zigzag'"),
+    ],
+)
 def test_bad_settings_are_one_line_errors_before_any_process_starts(capsys, tiny_data, tmp_path, args, message):
     import train
 
-    code = train.main(["--model", "tiny-pipelined", "--strategy", "hybrid", "--data-dir", str(tiny_data),
-                       "--cache-dir", str(tmp_path), *args])
+    code = train.main(
+        [
+            "--model",
+            "tiny-pipelined",
+            "--strategy",
+            "hybrid",
+            "--data-dir",
+            str(tiny_data),
+            "--cache-dir",
+            str(tmp_path),
+            *args,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("model, message", [
-    ("gcn", "model GCN cannot be split into pipeline stages (it has no pipeline_stages"),
-    ("tiny-pipelined", "--pipeline-stages 6 but TinyPipelined has only 5 stages"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("gcn", "model GCN cannot be split into pipeline stages (it has no pipeline_stages"),
+        ("tiny-pipelined", "--pipeline-stages 6 but TinyPipelined has only 5 stages"),
+    ],
+)
 def test_model_without_stages_and_more_stages_than_layers(capsys, tiny_data, tmp_path, model, message):
     import train
 
-    code = train.main(["--model", model, "--strategy", "hybrid", "--nprocs", "6", "--pipeline-stages", "6",
-                       "--data-dir", str(tiny_data), "--cache-dir", str(tmp_path)])
+    code = train.main(
+        [
+            "--model",
+            model,
+            "--strategy",
+            "hybrid",
+            "--nprocs",
+            "6",
+            "--pipeline-stages",
+            "6",
+            "--data-dir",
+            str(tiny_data),
+            "--cache-dir",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err, err

@@ -1,11 +1,11 @@
 """The mpi strategy: after K steps on 2 ranks, parameters are identical on both ranks and equal to
 single-process training on the union of both ranks' batches; metrics cover the whole validation set."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
-
 from tiny_models import TinyData, TinyRegressor
+from torch.utils.data import DistributedSampler
 
 
 def single_process_reference(ranks: int, batch_size: int):
@@ -14,11 +14,12 @@ def single_process_reference(ranks: int, batch_size: int):
     model = TinyRegressor()
     optimizer = model.configure_optimizers()
     # Lightning shards training data with a shuffling DistributedSampler (seed 0 without seed_everything)
-    per_rank = [list(DistributedSampler(data.train_set, num_replicas=ranks, rank=r, shuffle=True, seed=0))
-                for r in range(ranks)]
+    per_rank = [
+        list(DistributedSampler(data.train_set, num_replicas=ranks, rank=r, shuffle=True, seed=0)) for r in range(ranks)
+    ]
     steps = len(per_rank[0]) // batch_size
     for k in range(steps):
-        union = [i for shard in per_rank for i in shard[k * batch_size:(k + 1) * batch_size]]
+        union = [i for shard in per_rank for i in shard[k * batch_size : (k + 1) * batch_size]]
         x, ids, y = data.train_set[union]
         optimizer.zero_grad()
         F.mse_loss(model(x, ids), y).backward()
@@ -26,8 +27,11 @@ def single_process_reference(ranks: int, batch_size: int):
     x, ids, y = data.val_set[:]
     with torch.no_grad():
         pred = model(x, ids)
-    return model.state_dict(), steps, {"val/mae": (pred - y).abs().mean().item(),
-                                       "val/loss_sum": F.mse_loss(pred, y, reduction="sum").item()}
+    return (
+        model.state_dict(),
+        steps,
+        {"val/mae": (pred - y).abs().mean().item(), "val/loss_sum": F.mse_loss(pred, y, reduction="sum").item()},
+    )
 
 
 @pytest.mark.parametrize("bucket_size_mb", [25.0, 0.0001])  # one bucket; one bucket per parameter
@@ -53,8 +57,13 @@ def test_one_rank_in_process_matches_plain_sgd(tmp_path):
     from conftest import REPO, _env
 
     script = REPO / "tests" / "mpi_scripts" / "train_tiny.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), "mpi"], env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out"), "mpi"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "out" / "rank0.pt")
     reference, steps, _ = single_process_reference(ranks=1, batch_size=4)

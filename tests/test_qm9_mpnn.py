@@ -1,17 +1,18 @@
 """QM9 molecule graphs (generated csv + xyz, and PyG's own QM9 folder) and the MPNN on them:
 graph contents, the dense edge-network layer against PyG's NNConv, the pipeline stages, train.py
 for one epoch with one process and with two MPI processes, and one-line errors for bad files."""
+
 import json
 import shutil
 
 import pytest
 import torch
+from generators.qm9 import molecules, write_pyg_qm9, write_qm9_subset
 from torch_geometric.loader import DataLoader
 
 import train as train_script
-from datamodules.qm9 import TARGETS, QM9DataModule
-from generators.qm9 import molecules, write_pyg_qm9, write_qm9_subset
-from models.mpnn import MPNN, EdgeConditionedConv, GaussianDistances
+from lightning_xd.datamodules.qm9 import TARGETS, QM9DataModule
+from lightning_xd.models.mpnn import MPNN, EdgeConditionedConv, GaussianDistances
 
 COUNT = 20
 
@@ -24,7 +25,9 @@ def qm9_dir(tmp_path_factory):
 
 
 def _molecules_by_size(datamodule):
-    return sorted((m for split in datamodule.splits.values() for m in split), key=lambda m: (m.num_nodes, float(m.y[0, 0])))
+    return sorted(
+        (m for split in datamodule.splits.values() for m in split), key=lambda m: (m.num_nodes, float(m.y[0, 0]))
+    )
 
 
 def test_graphs_are_complete_with_distances(qm9_dir, tmp_path):
@@ -106,9 +109,24 @@ def _metrics(run_dir):
 
 def test_one_epoch_in_process(qm9_dir, tmp_path):
     run_dir = tmp_path / "run"
-    code = train_script.main(["--model", "mpnn", "--max-epochs", "1", "--batch-size", "4", "--hidden-channels", "16",
-                              "--data-dir", str(qm9_dir), "--cache-dir", str(tmp_path / "cache"),
-                              "--run-dir", str(run_dir)])
+    code = train_script.main(
+        [
+            "--model",
+            "mpnn",
+            "--max-epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--hidden-channels",
+            "16",
+            "--data-dir",
+            str(qm9_dir),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
     assert code == 0
     metrics = _metrics(run_dir)
     assert metrics["world_size"] == 1 and metrics["global_step"] == 4  # 16 training molecules
@@ -122,8 +140,9 @@ def _broken_copy(qm9_dir, tmp_path):
 
 
 def _run(one_line_error, data_dir, tmp_path, *extra):
-    return one_line_error("--model", "mpnn", "--data-dir", str(data_dir), "--cache-dir",
-                          str(tmp_path / "cache"), *extra)
+    return one_line_error(
+        "--model", "mpnn", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache"), *extra
+    )
 
 
 def test_missing_files(one_line_error, tmp_path, qm9_dir):
@@ -134,11 +153,14 @@ def test_missing_files(one_line_error, tmp_path, qm9_dir):
     assert "gdb_41.xyz" in _run(one_line_error, broken, tmp_path)
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("3\ncomment\nC 0 0 0\nH 1 0 0\n", "gdb_41.xyz is not an XYZ file"),       # fewer atoms than stated
-    ("2\ncomment\nC 0 0 0\nXx 1 0 0\n", "gdb_41.xyz is not an XYZ file"),      # unknown element
-    ("two\ncomment\nC 0 0 0\nH 1 0 0\n", "gdb_41.xyz is not an XYZ file"),     # no atom count
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("3\ncomment\nC 0 0 0\nH 1 0 0\n", "gdb_41.xyz is not an XYZ file"),  # fewer atoms than stated
+        ("2\ncomment\nC 0 0 0\nXx 1 0 0\n", "gdb_41.xyz is not an XYZ file"),  # unknown element
+        ("two\ncomment\nC 0 0 0\nH 1 0 0\n", "gdb_41.xyz is not an XYZ file"),  # no atom count
+    ],
+)
 def test_malformed_xyz(one_line_error, tmp_path, qm9_dir, content, expected):
     broken = _broken_copy(qm9_dir, tmp_path)
     (broken / "qm9_subset" / "qm9_xyz" / "gdb_41.xyz").write_text(content)

@@ -1,16 +1,17 @@
 """The sensor stream on generated recordings in the real layouts: train.py end to end, windows in
 time order, disjoint shares per rank, pacing, prequential scoring and one-line data errors."""
+
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
+from generators.sensor_stream import write_intel, write_occupancy
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import Trainer
 
-from datamodules.sensor_stream import SensorStreamDataModule
-from generators.sensor_stream import write_intel, write_occupancy
-from models.lstm import LSTMForecaster
+from lightning_xd.datamodules.sensor_stream import SensorStreamDataModule
+from lightning_xd.models.lstm import LSTMForecaster
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,9 @@ def stream_data(tmp_path_factory):
 
 
 def _rank(datamodule, rank: int, num_ranks: int, epoch: int = 0, epochs: int = 1):
-    datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"rank": rank, "num_replicas": num_ranks},
-                                         current_epoch=epoch, max_epochs=epochs)
+    datamodule.trainer = SimpleNamespace(
+        distributed_sampler_kwargs={"rank": rank, "num_replicas": num_ranks}, current_epoch=epoch, max_epochs=epochs
+    )
     return datamodule
 
 
@@ -54,8 +56,9 @@ def test_stream_yields_windows_in_time_order(stream_data, tmp_path, source):
 
 
 def test_no_window_spans_the_gap_between_occupancy_files(stream_data, tmp_path):
-    datamodule = _datamodule(stream_data, tmp_path, source="occupancy", window=6, calibration_fraction=0.05,
-                             test_fraction=0.05)
+    datamodule = _datamodule(
+        stream_data, tmp_path, source="occupancy", window=6, calibration_fraction=0.05, test_fraction=0.05
+    )
     segment = torch.as_tensor(datamodule.recording.segment)
     times = torch.cat([b["time"] for b in _batches(datamodule)])
     assert torch.equal(segment[times - 6], segment[times])
@@ -88,8 +91,7 @@ def test_paced_stream_keeps_its_rate(stream_data, tmp_path, source, batch_size, 
     stream, while training on each batch takes half the time its readings take to arrive: a pacing
     that slept a fixed interval after each batch, instead of waiting for arrival times, would fall
     a third behind."""
-    datamodule = _datamodule(stream_data, tmp_path, source=source, window=6, batch_size=batch_size,
-                             stream_rate=rate)
+    datamodule = _datamodule(stream_data, tmp_path, source=source, window=6, batch_size=batch_size, stream_rate=rate)
     served = []  # (when, the last reading the batch needs: its last target)
     for batch in _rank(datamodule, 0, 1).train_dataloader():
         served.append((time.monotonic(), int(batch["time"].max())))
@@ -110,8 +112,16 @@ def test_running_errors_score_each_window_before_training_on_it(stream_data, tmp
     model = LSTMForecaster(**datamodule.model_kwargs())
     datamodule.trainer = None
     # an environment of our own: Lightning's probe for MPI must not run outside an MPI job
-    trainer = Trainer(accelerator="cpu", devices=1, plugins=[LightningEnvironment()], max_steps=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        plugins=[LightningEnvironment()],
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=datamodule)
     # the head starts at "no change", so the first batch, forecast before its step, scores as persistence
     assert model.running_rmse.compute() == pytest.approx(float(model.running_rmse_persistence.compute()))
@@ -131,19 +141,36 @@ def _broken_copy(stream_data, tmp_path, name, content):
     return root
 
 
-@pytest.mark.parametrize("source, name, content, expected", [
-    ("occupancy", "datatraining.txt", None, "missing datatraining.txt"),
-    ("occupancy", "datatest2.txt", '"date","Temperature"\n"1",2015-02-11 14:48:00,warm\n', "could not be read"),
-    ("occupancy", "datatest.txt", '"id","date","Temperature"\n"1","2015-02-20 10:00:00",20.1\n',
-     "not in time order"),
-    ("intel", "intelTemperatureTest.csv", "1.83E+01,1.82E+01\n", "has 1 sensors"),
-    ("intel", "intelTemperatureTrain.csv", "1.83E+01,oops\n", "could not be read"),
-])
+@pytest.mark.parametrize(
+    "source, name, content, expected",
+    [
+        ("occupancy", "datatraining.txt", None, "missing datatraining.txt"),
+        ("occupancy", "datatest2.txt", '"date","Temperature"\n"1",2015-02-11 14:48:00,warm\n', "could not be read"),
+        (
+            "occupancy",
+            "datatest.txt",
+            '"id","date","Temperature"\n"1","2015-02-20 10:00:00",20.1\n',
+            "not in time order",
+        ),
+        ("intel", "intelTemperatureTest.csv", "1.83E+01,1.82E+01\n", "has 1 sensors"),
+        ("intel", "intelTemperatureTrain.csv", "1.83E+01,oops\n", "could not be read"),
+    ],
+)
 def test_bad_files_are_one_line(one_line_error, stream_data, tmp_path, monkeypatch, source, name, content, expected):
     monkeypatch.setenv("XD_DOWNLOAD", "0")
     root = _broken_copy(stream_data, tmp_path, name, content)
-    err = one_line_error("--model", "lstm", "--data", "sensor-stream", "--source", source,
-                         "--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error(
+        "--model",
+        "lstm",
+        "--data",
+        "sensor-stream",
+        "--source",
+        source,
+        "--data-dir",
+        str(root),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert expected in err and name in err
 
 

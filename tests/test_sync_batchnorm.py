@@ -1,10 +1,11 @@
-"""``sync_batchnorm=True`` over MPI (lightning_xd.sync_batchnorm): BatchNorm layers normalise with the
+"""``sync_batchnorm=True`` over MPI (lightning_xd.parallel.sync_batchnorm): BatchNorm layers normalise with the
 statistics of every rank's batch and train exactly as one BatchNorm on the union batch.
 
 In process, ranks are threads talking through a small in-memory communicator (the math, uneven and
 empty batches, bf16, apply / revert); one ``mpirun -np 2`` job runs the same layer cases over MPI
 and the Lightning fits (with and without sync_batchnorm) against one process on the union batches.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,11 +13,11 @@ import threading
 
 import pytest
 import torch
+from conftest import REPO, run_mpi
 from torch import nn
 
-from conftest import REPO, run_mpi
 from lightning_xd.errors import UserError
-from lightning_xd.sync_batchnorm import MPISyncBatchNorm, MPISyncedBatchNorm
+from lightning_xd.parallel.sync_batchnorm import MPISyncBatchNorm, MPISyncedBatchNorm
 
 
 def _script_module(name: str):
@@ -50,7 +51,7 @@ class ThreadGroup:
 
 
 class ThreadComm:
-    """The part of lightning_xd.comm.Communicator the layer uses, for one thread; it counts its calls."""
+    """The part of lightning_xd.comm.communicator.Communicator the layer uses, for one thread; it counts its calls."""
 
     def __init__(self, group: ThreadGroup, rank: int):
         self.group, self.rank = group, rank
@@ -66,7 +67,7 @@ class ThreadComm:
         self.allreduces.append(tensor.numel())
         return self.group.allreduce(self.rank, tensor)
 
-    def split(self, color: int, key=None) -> "ThreadComm":
+    def split(self, color: int, key=None) -> ThreadComm:
         self.splits += 1
         return self
 
@@ -89,8 +90,10 @@ def in_threads(size: int, work):
         t.start()
     for t in threads:
         t.join()
-    first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)),
-                 next((e for e in errors if e is not None), None))
+    first = next(
+        (e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)),
+        next((e for e in errors if e is not None), None),
+    )
     if first is not None:
         raise first
     return results, comms
@@ -110,8 +113,9 @@ def assert_matches_union(case: str, ranks: list[dict], reference: dict) -> None:
         torch.testing.assert_close(out.float(), expected["out"].float(), **tol, msg=f"{case} step {step}: output")
         input_grad = torch.cat([g["input_grad"] for g in got])
         assert input_grad.dtype == expected["input_grad"].dtype
-        torch.testing.assert_close(input_grad.float(), expected["input_grad"].float(), **tol,
-                                   msg=f"{case} step {step}: input gradient")
+        torch.testing.assert_close(
+            input_grad.float(), expected["input_grad"].float(), **tol, msg=f"{case} step {step}: input gradient"
+        )
         for name, value in expected["param_grads"].items():  # local per rank: their sum is the union's
             total = sum(g["param_grads"][name] for g in got)
             assert total.dtype == value.dtype
@@ -120,8 +124,9 @@ def assert_matches_union(case: str, ranks: list[dict], reference: dict) -> None:
         assert result["synced_class"] == "MPISyncedBatchNorm"
         assert result["state"].keys() == reference["state"].keys()
         for name, value in reference["state"].items():  # running statistics and num_batches_tracked
-            torch.testing.assert_close(result["state"][name], value, atol=1e-5, rtol=1e-5,
-                                       msg=f"{case} rank {rank}: {name}")
+            torch.testing.assert_close(
+                result["state"][name], value, atol=1e-5, rtol=1e-5, msg=f"{case} rank {rank}: {name}"
+            )
         assert result["reverted_is_original"]
         for name, value in result["state"].items():
             assert torch.equal(result["reverted_state"][name], value), f"{case}: revert changed {name}"
@@ -131,8 +136,9 @@ def assert_matches_union(case: str, ranks: list[dict], reference: dict) -> None:
 
 @pytest.mark.parametrize("case", list(cases.LAYER_CASES))
 def test_layer_in_threads_equals_one_batchnorm_on_union_batch(case):
-    ranks, comms = in_threads(len(cases.LAYER_CASES[case][2]),
-                              lambda rank, comm: cases.run_layer_case(case, rank, lambda: comm))
+    ranks, comms = in_threads(
+        len(cases.LAYER_CASES[case][2]), lambda rank, comm: cases.run_layer_case(case, rank, lambda: comm)
+    )
     assert_matches_union(case, ranks, cases.layer_reference(case))
     channels = cases.plain_layer(case).num_features
     for comm in comms:  # per training step: one allreduce forward, one backward; none in eval mode
@@ -173,7 +179,7 @@ def test_bf16_autocast_gives_what_batchnorm_gives():
     def work(rank, comm):
         layer = MPISyncBatchNorm(lambda: comm).apply(nn.BatchNorm2d(3))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = layer(conv(x[4 * rank:4 * rank + 4]))
+            out = layer(conv(x[4 * rank : 4 * rank + 4]))
         out.float().sum().backward()
         return out.detach(), layer.running_mean.clone(), layer.weight.grad
 
@@ -212,8 +218,7 @@ class Net(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 3)
         self.bn = nn.BatchNorm2d(3)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False),
-                                  nn.SyncBatchNorm(4))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False), nn.SyncBatchNorm(4))
         self.shared = self.bn  # one module under two names stays one module
 
     def forward(self, x):

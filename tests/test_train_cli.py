@@ -1,10 +1,11 @@
 """train.py end to end (generated Cora in Planetoid format) and its one-line errors."""
+
 import json
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_xd.cli import parse_args
+from lightning_xd.launch.cli import parse_args
 
 
 def _metrics(run_dir):
@@ -15,8 +16,20 @@ def _metrics(run_dir):
 def test_two_processes_train_log_and_test(train, tiny_data, tmp_path, strategy):
     """--nprocs 2 starts mpirun itself; the run learns, logs to TensorBoard and writes metrics.json."""
     run_dir = tmp_path / "run"
-    proc = train("--model", "gcn", "--strategy", strategy, "--nprocs", "2", "--max-epochs", "30",
-                 "--data-dir", str(tiny_data), "--run-dir", str(run_dir))
+    proc = train(
+        "--model",
+        "gcn",
+        "--strategy",
+        strategy,
+        "--nprocs",
+        "2",
+        "--max-epochs",
+        "30",
+        "--data-dir",
+        str(tiny_data),
+        "--run-dir",
+        str(run_dir),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = _metrics(run_dir)
     assert metrics["world_size"] == 2 and metrics["epochs"] == 30 and metrics["global_step"] == 30
@@ -39,8 +52,9 @@ def test_unknown_names(one_line_error, flag, name):
 
 def test_missing_data_names_the_files(one_line_error, tmp_path, monkeypatch):
     monkeypatch.setenv("XD_DOWNLOAD", "0")
-    err = one_line_error("--model", "gcn", "--data-dir", str(tmp_path / "empty"),
-                         "--cache-dir", str(tmp_path / "cache"))
+    err = one_line_error(
+        "--model", "gcn", "--data-dir", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "cache")
+    )
     assert "ind.cora.x" in err and "planetoid_raw" in err
 
 
@@ -78,8 +92,18 @@ def test_config_file_and_command_line_precedence(tmp_path, one_line_error):
 
 
 def test_model_flags_reach_the_constructor_with_their_type(train, tiny_data, tmp_path):
-    proc = train("--model", "gcn", "--max-epochs", "1", "--hidden-channels", "5", "--data-dir", str(tiny_data),
-                 "--run-dir", str(tmp_path / "run"))
+    proc = train(
+        "--model",
+        "gcn",
+        "--max-epochs",
+        "1",
+        "--hidden-channels",
+        "5",
+        "--data-dir",
+        str(tiny_data),
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     hparams = next((tmp_path / "run").rglob("hparams.yaml"))
     assert "hidden_channels: 5\n" in hparams.read_text()

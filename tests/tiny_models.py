@@ -3,6 +3,7 @@
 The model mixes a dense MLP with a sparse embedding (``nn.Embedding(sparse=True)``), so one run
 checks both gradient paths of a strategy. Plain SGD handles sparse gradients.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,13 @@ class TinyRegressor(LightningModule):
         x, ids, y = batch[:3]
         self.val_mae(self(x, ids), y)
         self.log("val/mae", self.val_mae, batch_size=len(y))
-        self.log("val/loss_sum", F.mse_loss(self(x, ids), y, reduction="sum"), reduce_fx="sum",
-                 sync_dist=True, batch_size=len(y))
+        self.log(
+            "val/loss_sum",
+            F.mse_loss(self(x, ids), y, reduction="sum"),
+            reduce_fx="sum",
+            sync_dist=True,
+            batch_size=len(y),
+        )
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -89,8 +95,9 @@ class TinyPipelined(LightningModule):
     def __init__(self, lr: float = 0.1):
         super().__init__()
         torch.manual_seed(0)
-        self.stages = nn.ModuleList([_Stage(4, 10), _Stage(10, 4), _Stage(4, 10), _Stage(10, 4),
-                                     _Stage(4, 1, last=True)])
+        self.stages = nn.ModuleList(
+            [_Stage(4, 10), _Stage(10, 4), _Stage(4, 10), _Stage(10, 4), _Stage(4, 1, last=True)]
+        )
         self.val_mae = MeanAbsoluteError()
         self.lr = lr
 

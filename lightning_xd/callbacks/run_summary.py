@@ -5,6 +5,7 @@ in training steps (forward, backward, gradient exchange, optimizer step), so str
 compared on the work they share; ``updates_per_s`` is optimizer updates over that same time;
 ``epoch_time_s_mean`` is wall-clock per epoch, validation included.
 """
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """Slow one rank down on purpose (``--straggler-delay RANK:SECONDS``), to study stragglers."""
+
 from __future__ import annotations
 
 import time
@@ -9,7 +10,7 @@ from lightning_xd.errors import UserError
 
 
 def parse_straggler(spec: str) -> tuple[int, float]:
-    """"2:0.05" -> (2, 0.05)."""
+    """ "2:0.05" -> (2, 0.05)."""
     try:
         rank, seconds = spec.split(":")
         return int(rank), float(seconds)

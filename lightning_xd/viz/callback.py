@@ -6,11 +6,12 @@ loss, throughput and tracked series to rank 0 through the strategy's collectives
 ``dashboard.mp4``. Strategies add their own figures: the async server's staleness histogram, the
 hybrid pipeline's timeline of one step.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import cv2
 import torch
@@ -18,17 +19,22 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_xd.callbacks.run_summary import batch_size_of
-from lightning_xd.collectives import gather_objects
+from lightning_xd.comm.collectives import gather_objects
 from lightning_xd.viz.dashboard import render
 
 
 class TrainingDashboard(Callback):
-    def __init__(self, run_dir: str | Path, every_n_steps: int = 50, video: bool = False,
-                 tracked: Sequence[str] = ("train/running_rmse", "train/running_rmse_persistence")):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        every_n_steps: int = 50,
+        video: bool = False,
+        tracked: Sequence[str] = ("train/running_rmse", "train/running_rmse_persistence"),
+    ):
         self.path = Path(run_dir) / "dashboard.png"
         self.every_n_steps, self.video, self.tracked = every_n_steps, video, tuple(tracked)
         self.series: dict[str, list[float]] = {"step": [], "loss": [], "samples_per_s": []}
-        self._writer: Optional[cv2.VideoWriter] = None
+        self._writer: cv2.VideoWriter | None = None
         self._started = 0.0
 
     # ---- recording (every rank, its own figures) ---------------------------------------------
@@ -61,11 +67,16 @@ class TrainingDashboard(Callback):
     # ---- gathering and drawing (rank 0) -----------------------------------------------------
     def figures(self, trainer, per_rank: list) -> dict:
         summary = trainer.strategy.summary_metrics() if hasattr(trainer.strategy, "summary_metrics") else {}
-        title = f"{type(trainer.lightning_module).__name__} - {type(trainer.strategy).__name__} - " \
-                f"{trainer.world_size} process(es) - step {getattr(trainer.strategy, 'version', None) or trainer.global_step}"
-        return {"title": title, "ranks": {r: s for r, s in enumerate(per_rank) if s.get("step")},
-                "staleness": summary.get("async/staleness_histogram"),
-                "timeline": summary.get("pipeline/timelines")}
+        title = (
+            f"{type(trainer.lightning_module).__name__} - {type(trainer.strategy).__name__} - "
+            f"{trainer.world_size} process(es) - step {trainer.global_step}"
+        )
+        return {
+            "title": title,
+            "ranks": {r: s for r, s in enumerate(per_rank) if s.get("step")},
+            "staleness": summary.get("async/staleness_histogram"),
+            "timeline": summary.get("pipeline/timelines"),
+        }
 
     def publish(self, trainer) -> None:
         per_rank = gather_objects(trainer.strategy, {k: list(v) for k, v in self.series.items()})
@@ -75,14 +86,16 @@ class TrainingDashboard(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(self.path), image)
         if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_image("dashboard", image[:, :, ::-1].copy(), trainer.global_step,
-                                                dataformats="HWC")
+            trainer.logger.experiment.add_image(
+                "dashboard", image[:, :, ::-1].copy(), trainer.global_step, dataformats="HWC"
+            )
         if self.video:
             self._frame(image)
 
     def _frame(self, image) -> None:
         if self._writer is None:
             height, width = image.shape[:2]
-            self._writer = cv2.VideoWriter(str(self.path.with_suffix(".mp4")), cv2.VideoWriter_fourcc(*"mp4v"), 4,
-                                           (width, height))
+            self._writer = cv2.VideoWriter(
+                str(self.path.with_suffix(".mp4")), cv2.VideoWriter_fourcc(*"mp4v"), 4, (width, height)
+            )
         self._writer.write(image)

@@ -3,18 +3,29 @@
 No plotting library: the dashboard must render inside a training process, fast, with what
 the project already depends on. Every chart draws into a rectangle (x, y, width, height).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
 WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (30, 30, 30), (120, 120, 120), (225, 225, 225)
 # distinct colours (BGR) for ranks / series, readable on white
-PALETTE = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140),
-           (194, 119, 227), (127, 127, 127), (34, 189, 188), (207, 190, 23)]
+PALETTE = [
+    (180, 119, 31),
+    (14, 127, 255),
+    (44, 160, 44),
+    (40, 39, 214),
+    (189, 103, 148),
+    (75, 86, 140),
+    (194, 119, 227),
+    (127, 127, 127),
+    (34, 189, 188),
+    (207, 190, 23),
+]
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -52,8 +63,17 @@ class Axes:
 
     MARGIN = (62, 44, 16, 42)  # left, top (title, then the y label), right, bottom
 
-    def __init__(self, img: np.ndarray, rect: tuple[int, int, int, int], title: str, xlabel: str, ylabel: str,
-                 xrange: tuple[float, float], yrange: tuple[float, float], ticks: str = "xy"):
+    def __init__(
+        self,
+        img: np.ndarray,
+        rect: tuple[int, int, int, int],
+        title: str,
+        xlabel: str,
+        ylabel: str,
+        xrange: tuple[float, float],
+        yrange: tuple[float, float],
+        ticks: str = "xy",
+    ):
         self.img, self.ticks = img, ticks  # an axis without numeric ticks labels its own categories
         x, y, w, h = rect
         left, top, right, bottom = self.MARGIN
@@ -91,8 +111,9 @@ class Axes:
             text(self.img, label, (self.x1 - 95, y), 0.4)
 
 
-def line_chart(img, rect, series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str,
-               ylabel: str) -> None:
+def line_chart(
+    img, rect, series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str
+) -> None:
     """One line per series (label -> (xs, ys)), each in its own colour, with a legend."""
     xs = [v for x, _ in series.values() for v in x]
     ys = [v for _, y in series.values() for v in y if math.isfinite(v)]
@@ -111,15 +132,29 @@ def line_chart(img, rect, series: dict[str, tuple[Sequence[float], Sequence[floa
     axes.legend(list(series))
 
 
-def bar_chart(img, rect, labels: Sequence[str], values: Sequence[float], title: str, xlabel: str, ylabel: str,
-              colours: Sequence[int] | None = None) -> None:
-    axes = Axes(img, rect, title, xlabel, ylabel, (-0.5, len(values) - 0.5), (0, max(values, default=1) * 1.1 or 1),
-                ticks="y")
+def bar_chart(
+    img,
+    rect,
+    labels: Sequence[str],
+    values: Sequence[float],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    colours: Sequence[int] | None = None,
+) -> None:
+    axes = Axes(
+        img, rect, title, xlabel, ylabel, (-0.5, len(values) - 0.5), (0, max(values, default=1) * 1.1 or 1), ticks="y"
+    )
     width = max(2, int((axes.x1 - axes.x0) / max(1, len(values)) * 0.7))
     for i, (label, value) in enumerate(zip(labels, values)):
         cx = axes.px(i)
-        cv2.rectangle(img, (cx - width // 2, axes.py(value)), (cx + width // 2, axes.py(0)),
-                      colour(colours[i] if colours else i), -1)
+        cv2.rectangle(
+            img,
+            (cx - width // 2, axes.py(value)),
+            (cx + width // 2, axes.py(0)),
+            colour(colours[i] if colours else i),
+            -1,
+        )
         text(img, str(label), (cx - 4 * len(str(label)), axes.y1 + 16), 0.38, GREY)
         text(img, _label(value), (cx - 12, axes.py(value) - 4), 0.38, BLACK)
 

@@ -5,6 +5,7 @@
 Panels: loss per rank, samples/s per rank, then whatever the run has: other per-rank series
 (a stream's running RMSE next to persistence), the async staleness histogram, the pipeline timeline.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,11 @@ BASELINE = "_persistence"  # a series "x_persistence" is drawn in the panel of "
 
 
 def _per_rank(ranks: dict, key: str, smooth: int = 1) -> dict:
-    return {f"rank {r}": (data["step"], _trailing_mean(data[key], smooth)) for r, data in sorted(ranks.items())
-            if data.get(key)}
+    return {
+        f"rank {r}": (data["step"], _trailing_mean(data[key], smooth))
+        for r, data in sorted(ranks.items())
+        if data.get(key)
+    }
 
 
 def _with_baseline(ranks: dict, key: str, has_baseline: bool) -> dict:
@@ -29,8 +33,12 @@ def _with_baseline(ranks: dict, key: str, has_baseline: bool) -> dict:
     if not has_baseline:
         return series
     baseline = _per_rank(ranks, key + BASELINE)
-    return {label: values for name in series for label, values in
-            ((name, series[name]), (f"{name} persistence", baseline.get(name))) if values is not None}
+    return {
+        label: values
+        for name in series
+        for label, values in ((name, series[name]), (f"{name} persistence", baseline.get(name)))
+        if values is not None
+    }
 
 
 def _trailing_mean(values: list, window: int) -> list:
@@ -46,27 +54,49 @@ def _trailing_mean(values: list, window: int) -> list:
 
 def _panels(figures: dict) -> list:
     ranks = figures.get("ranks", {})
-    panels = [lambda img, rect: line_chart(img, rect, _per_rank(ranks, "loss"), "training loss per rank", "step",
-                                           "loss"),
-              lambda img, rect: line_chart(img, rect, _per_rank(ranks, "samples_per_s", smooth=10),
-                                           "throughput per rank (mean of the last 10 steps)", "step", "samples/s")]
+    panels = [
+        lambda img, rect: line_chart(img, rect, _per_rank(ranks, "loss"), "training loss per rank", "step", "loss"),
+        lambda img, rect: line_chart(
+            img,
+            rect,
+            _per_rank(ranks, "samples_per_s", smooth=10),
+            "throughput per rank (mean of the last 10 steps)",
+            "step",
+            "samples/s",
+        ),
+    ]
     extra = sorted({k for data in ranks.values() for k in data if k not in BASE_SERIES})
     for key in extra:
-        if key.endswith(BASELINE) and key[:-len(BASELINE)] in extra:
+        if key.endswith(BASELINE) and key[: -len(BASELINE)] in extra:
             continue  # drawn with the series it is the baseline of
         paired = key + BASELINE in extra
         title = key + (" vs persistence" if paired else "") + " per rank"
-        panels.append(lambda img, rect, key=key, paired=paired, title=title: line_chart(
-            img, rect, _with_baseline(ranks, key, paired), title, "step", key.rsplit("/", 1)[-1]))
+        panels.append(
+            lambda img, rect, key=key, paired=paired, title=title: line_chart(
+                img, rect, _with_baseline(ranks, key, paired), title, "step", key.rsplit("/", 1)[-1]
+            )
+        )
     if figures.get("staleness"):
         hist = {int(k): v for k, v in figures["staleness"].items()}
         labels = list(range(max(hist) + 1))
-        panels.append(lambda img, rect: bar_chart(img, rect, labels, [hist.get(s, 0) for s in labels],
-                                                  "staleness of applied gradients", "staleness (updates)", "gradients"))
+        panels.append(
+            lambda img, rect: bar_chart(
+                img,
+                rect,
+                labels,
+                [hist.get(s, 0) for s in labels],
+                "staleness of applied gradients",
+                "staleness (updates)",
+                "gradients",
+            )
+        )
     if figures.get("timeline"):
         lanes = {f"rank {r}": ops for r, ops in sorted(figures["timeline"].items())}
-        panels.append(lambda img, rect: timeline_chart(img, rect, lanes,
-                                                       "pipeline: one step (F/B = forward/backward, gaps = bubbles)"))
+        panels.append(
+            lambda img, rect: timeline_chart(
+                img, rect, lanes, "pipeline: one step (F/B = forward/backward, gaps = bubbles)"
+            )
+        )
     return panels
 
 

@@ -8,6 +8,7 @@ The cases of conformance.cases, and the async strategy's own:
   every rank and leave the ranks in step for the next fit;
 - straggler: the classifier for 2 epochs while rank 2 is 20 ms slower per batch, then validate, test, predict.
 """
+
 import sys
 import time
 from pathlib import Path
@@ -34,14 +35,26 @@ class SlowOnRank2(MetricClassifier):
 
 
 def case_refusals(folder, strategy):
-    fits = {"EarlyStopping": (MetricClassifier, {"callbacks": [EarlyStopping(monitor="val_loss")]}),
-            "ModelCheckpoint": (MetricClassifier, {"callbacks": [ModelCheckpoint(monitor="val_loss")],
-                                                   "enable_checkpointing": True}),
-            "ReduceLROnPlateau": (PlateauClassifier, {}),
-            "val_check_interval": (MetricClassifier, {"val_check_interval": 0.5})}
-    return {"messages": {name: user_error_of(lambda: trainer_for(folder / name, strategy, max_epochs=1, **settings)
-                                             .fit(model_class(), ClassifierData()))
-                         for name, (model_class, settings) in fits.items()}}
+    fits = {
+        "EarlyStopping": (MetricClassifier, {"callbacks": [EarlyStopping(monitor="val_loss")]}),
+        "ModelCheckpoint": (
+            MetricClassifier,
+            {"callbacks": [ModelCheckpoint(monitor="val_loss")], "enable_checkpointing": True},
+        ),
+        "ReduceLROnPlateau": (PlateauClassifier, {}),
+        "val_check_interval": (MetricClassifier, {"val_check_interval": 0.5}),
+    }
+    return {
+        "messages": {
+            name: user_error_of(
+                lambda: trainer_for(folder / name, strategy, max_epochs=1, **settings).fit(  # noqa: B023 (called at once)
+                    model_class(),  # noqa: B023 (called at once, inside the loop)
+                    ClassifierData(),
+                )
+            )
+            for name, (model_class, settings) in fits.items()
+        }
+    }
 
 
 def case_straggler(folder, strategy):

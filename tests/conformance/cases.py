@@ -6,24 +6,40 @@ builds it) from our registry; ``ddp_find_unused`` (the same with ``find_unused_p
 Lightning's Trainer resolves itself after ``import lightning_xd`` (``mpi_by_name`` and ``async_by_name`` ->
 ``Trainer(strategy="mpi")`` / ``"async"``, ``mpi_find_unused_parameters_true``).
 """
+
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel, ManualOptimBoringModel
-
-import lightning_xd  # noqa: F401  (registers our names with Lightning's StrategyRegistry)
-import strategies  # noqa: F401  (registers the names of our own registry)
-from conformance.harness import QUIET, fit_summary, state_of, user_error_of
-from conformance.models import (BoringStepSchedule, BoringWithBackbone, BoringWithUnused, ClassifierData,
-                                MetricClassifier, RecordTraining, SeedAtFirstBatch, TwoOptimizerGAN,
-                                backbone_finetuning, boring_loader, token_data, transformer)
-from lightning_xd.registry import STRATEGIES
 from torch.utils.data import DataLoader
 
-BY_NAME = {"mpi_by_name": "mpi", "async_by_name": "async", "hybrid_by_name": "hybrid",
-           "mpi_find_unused_parameters_true": "mpi_find_unused_parameters_true"}
+import lightning_xd  # noqa: F401  (registers our names with Lightning's StrategyRegistry)
+import lightning_xd.strategies  # noqa: F401  (registers the names of our own registry)
+from conformance.harness import QUIET, fit_summary, state_of, user_error_of
+from conformance.models import (
+    BoringStepSchedule,
+    BoringWithBackbone,
+    BoringWithUnused,
+    ClassifierData,
+    MetricClassifier,
+    RecordTraining,
+    SeedAtFirstBatch,
+    TwoOptimizerGAN,
+    backbone_finetuning,
+    boring_loader,
+    token_data,
+    transformer,
+)
+from lightning_xd.launch.registry import STRATEGIES
+
+BY_NAME = {
+    "mpi_by_name": "mpi",
+    "async_by_name": "async",
+    "hybrid_by_name": "hybrid",
+    "mpi_find_unused_parameters_true": "mpi_find_unused_parameters_true",
+}
 SETTINGS = {"async": {"staleness": 2}}  # a bound small enough to matter with two workers
 
 
@@ -119,8 +135,15 @@ def case_classifier(folder, strategy, model_class=MetricClassifier):
     validated = trainer.validate(model, data, verbose=False)[0]
     tested = trainer.test(model, data, verbose=False)[0]
     predicted = trainer.predict(model, data)
-    return {**result, "seen_in_fit": seen_in_fit, "seen": model.seen, "train_counts": model.train_counts, "validated": validated, "tested": tested,
-            "predicted": [(p["index"], p["probs"]) for p in predicted]}
+    return {
+        **result,
+        "seen_in_fit": seen_in_fit,
+        "seen": model.seen,
+        "train_counts": model.train_counts,
+        "validated": validated,
+        "tested": tested,
+        "predicted": [(p["index"], p["probs"]) for p in predicted],
+    }
 
 
 def case_checkpoint_early_stopping(folder, strategy):
@@ -134,19 +157,25 @@ def case_checkpoint_early_stopping(folder, strategy):
         def on_validation_epoch_end(self, trainer, pl_module):
             epoch_states.append(state_of(pl_module))
 
-    trainer = trainer_for(folder, strategy, max_epochs=5, callbacks=[record, StateAtEpochEnd(), best, stop],
-                          enable_checkpointing=True)
+    trainer = trainer_for(
+        folder, strategy, max_epochs=5, callbacks=[record, StateAtEpochEnd(), best, stop], enable_checkpointing=True
+    )
     trainer.fit(model, data)
     saved = torch.load(best.best_model_path, weights_only=False) if best.best_model_path else None
-    return {**fit_summary(trainer, model, record), "best_model_path": best.best_model_path,
-            "best_model_score": None if best.best_model_score is None else float(best.best_model_score),
-            "stopped_epoch": stop.stopped_epoch, "epoch_states": epoch_states,
-            "saved": None if saved is None else {"epoch": saved["epoch"], "state": saved["state_dict"]}}
+    return {
+        **fit_summary(trainer, model, record),
+        "best_model_path": best.best_model_path,
+        "best_model_score": None if best.best_model_score is None else float(best.best_model_score),
+        "stopped_epoch": stop.stopped_epoch,
+        "epoch_states": epoch_states,
+        "saved": None if saved is None else {"epoch": saved["epoch"], "state": saved["state_dict"]},
+    }
 
 
 def case_resume(folder, strategy):
     """Uninterrupted 2 epochs; and resumed with ``ckpt_path=`` from a checkpoint in the middle of epoch 0
     (ModelCheckpoint every 3 steps, the first run stopped at step 6 of 8) and from the end of epoch 0."""
+
     def fit(name, epochs, callbacks=(), ckpt_path=None, **settings):
         torch.manual_seed(0)
         model = BoringModel()
@@ -159,14 +188,16 @@ def case_resume(folder, strategy):
     fit("first", 2, [every_3], max_steps=6, enable_checkpointing=True)
     per_epoch = ModelCheckpoint(dirpath=folder / "epochs", save_top_k=-1, filename="{epoch}")
     fit("one_epoch", 1, [per_epoch], enable_checkpointing=True)
-    return {"whole": whole, "mid_epoch": fit("mid", 2, ckpt_path=folder / "steps" / "step=6.ckpt"),
-            "epoch_end": fit("end", 2, ckpt_path=folder / "epochs" / "epoch=0.ckpt")}
+    return {
+        "whole": whole,
+        "mid_epoch": fit("mid", 2, ckpt_path=folder / "steps" / "step=6.ckpt"),
+        "epoch_end": fit("end", 2, ckpt_path=folder / "epochs" / "epoch=0.ckpt"),
+    }
 
 
 def case_sync_batchnorm(folder, strategy):
     model, record = MetricClassifier(), RecordTraining()
-    trainer = trainer_for(folder, strategy, max_epochs=1, callbacks=[record], sync_batchnorm=True,
-                          limit_val_batches=0)
+    trainer = trainer_for(folder, strategy, max_epochs=1, callbacks=[record], sync_batchnorm=True, limit_val_batches=0)
     trainer.fit(model, ClassifierData(shuffle=False))
     return fit_summary(trainer, model, record)
 
@@ -177,18 +208,29 @@ def case_trainer_settings(folder, strategy):
     processes on this host trains; ``fault_tolerance="ulfm"`` in a job started without ULFM says it is off."""
     import warnings
 
-    refused = {name: user_error_of(lambda: trainer_for(folder / name, strategy, max_epochs=1, **settings)
-                                   .fit(BoringModel(), boring_loader()))
-               for name, settings in {"devices=3": {"devices": 3}, "num_nodes=2": {"num_nodes": 2}}.items()}
+    refused = {
+        name: user_error_of(
+            lambda: trainer_for(folder / name, strategy, max_epochs=1, **settings).fit(BoringModel(), boring_loader())  # noqa: B023 (called at once, inside the loop)
+        )
+        for name, settings in {"devices=3": {"devices": 3}, "num_nodes=2": {"num_nodes": 2}}.items()
+    }
     matching = trainer_for(folder / "devices=2", strategy, max_epochs=1, devices=2)
     matching.fit(BoringModel(), boring_loader())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ulfm = Trainer(strategy=STRATEGIES.build(strategy, {"fault_tolerance": "ulfm"}),
-                       default_root_dir=str(folder / "ulfm"), max_epochs=1, **QUIET)
+        ulfm = Trainer(
+            strategy=STRATEGIES.build(strategy, {"fault_tolerance": "ulfm"}),
+            default_root_dir=str(folder / "ulfm"),
+            max_epochs=1,
+            **QUIET,
+        )
         ulfm.fit(BoringModel(), boring_loader())
-    return {"refused": refused, "matching_steps": matching.global_step, "ulfm_steps": ulfm.global_step,
-            "warnings": [str(w.message) for w in caught]}
+    return {
+        "refused": refused,
+        "matching_steps": matching.global_step,
+        "ulfm_steps": ulfm.global_step,
+        "warnings": [str(w.message) for w in caught],
+    }
 
 
-CASES = {name[len("case_"):]: f for name, f in dict(globals()).items() if name.startswith("case_")}
+CASES = {name[len("case_") :]: f for name, f in dict(globals()).items() if name.startswith("case_")}

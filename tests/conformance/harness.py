@@ -6,17 +6,25 @@ error (one line, as a user would read it), the exception's type and its tracebac
 on with the next case, so one broken case hides no other. A ``started-rank<r>`` file marks a case begun,
 so a case that hangs the job can be named.
 """
+
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
 
-QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-             num_sanity_val_steps=0, enable_checkpointing=False)
+QUIET = dict(
+    accelerator="cpu",
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+    enable_checkpointing=False,
+)
 
 
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -25,20 +33,29 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def fit_summary(trainer: Trainer, model: torch.nn.Module, record: Any = None) -> dict[str, Any]:
     """What a fit ended with: parameters, counters, learning rates, logged metrics (and what ``record`` saw)."""
-    summary = {"state": state_of(model), "global_step": trainer.global_step, "current_epoch": trainer.current_epoch,
-               "lrs": [g["lr"] for opt in trainer.optimizers for g in opt.param_groups],
-               "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-               "strategy_class": type(trainer.strategy).__name__, "threads": torch.get_num_threads()}
+    summary = {
+        "state": state_of(model),
+        "global_step": trainer.global_step,
+        "current_epoch": trainer.current_epoch,
+        "lrs": [g["lr"] for opt in trainer.optimizers for g in opt.param_groups],
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "strategy_class": type(trainer.strategy).__name__,
+        "threads": torch.get_num_threads(),
+    }
     own_summary = getattr(trainer.strategy, "summary_metrics", None)
     if callable(own_summary):
         summary["strategy_summary"] = own_summary()
     if record is not None:
-        summary.update(batches=record.batches, lr_per_batch=record.lrs, grad_norms=record.grad_norms,
-                       epoch_metrics=record.epoch_metrics)
+        summary.update(
+            batches=record.batches,
+            lr_per_batch=record.lrs,
+            grad_norms=record.grad_norms,
+            epoch_metrics=record.epoch_metrics,
+        )
     return summary
 
 
-def user_error_of(fit: Callable[[], Any]) -> Optional[str]:
+def user_error_of(fit: Callable[[], Any]) -> str | None:
     """The one-line error ``fit()`` ended in (``UserError``), or None when it ran through."""
     from lightning_xd.errors import UserError
 
@@ -50,7 +67,7 @@ def user_error_of(fit: Callable[[], Any]) -> Optional[str]:
 
 
 def run(out: Path, cases: dict[str, Callable[[Path, str], dict]], names: list[str]) -> None:
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
     from lightning_xd.errors import UserError
 
     rank = world().rank
@@ -62,8 +79,11 @@ def run(out: Path, cases: dict[str, Callable[[Path, str], dict]], names: list[st
         try:
             result = cases[case](folder, strategy)
         except Exception as err:  # noqa: BLE001  (saved for the test, which decides whether it was expected)
-            result = {"error": str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}",
-                      "error_type": type(err).__name__, "traceback": traceback.format_exc()}
+            result = {
+                "error": str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}",
+                "error_type": type(err).__name__,
+                "traceback": traceback.format_exc(),
+            }
         torch.save(result, folder / f"rank{rank}.pt")
         print(f"rank {rank}: {name} {'failed: ' + result['error_type'] if 'error' in result else 'done'}", flush=True)
         world().barrier()

@@ -1,11 +1,11 @@
 """On the pytest side: start one conformance job under mpirun, and read what its cases saved."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_mpi_job
 
 HERE = Path(__file__).resolve().parent
@@ -23,8 +23,10 @@ class Job:
         files = [folder / f"rank{r}.pt" for r in range(self.ranks)]
         if not all(f.exists() for f in files):
             started = sorted(p.name for p in folder.glob("started-rank*")) if folder.exists() else []
-            pytest.fail(f"case {case}/{strategy} did not finish on every rank (started on: {started or 'none'}); "
-                        f"the job's output:\n{self.log}")
+            pytest.fail(
+                f"case {case}/{strategy} did not finish on every rank (started on: {started or 'none'}); "
+                f"the job's output:\n{self.log}"
+            )
         return [torch.load(f, weights_only=False) for f in files]
 
     def ok(self, case: str, strategy: str) -> list[dict]:

@@ -7,6 +7,7 @@ unfreeze, an unused layer, a step-interval schedule) a subclass adds only that. 
 Every dataset is drawn from its own seeded generator, so every rank and the one-process references hold
 the same samples whatever the global RNG has done before.
 """
+
 from __future__ import annotations
 
 import torch
@@ -61,7 +62,7 @@ def transformer() -> RandomTokenTransformer:
 def classification_data(n: int, seed: int) -> TensorDataset:
     """(features, class, index): the class is a fixed function of the features, so the model can learn it."""
     x = seeded(seed, lambda: torch.randn(n, FEATURES))
-    y = (x[:, :CLASSES] + 0.5 * x[:, CLASSES:2 * CLASSES]).argmax(dim=1)
+    y = (x[:, :CLASSES] + 0.5 * x[:, CLASSES : 2 * CLASSES]).argmax(dim=1)
     return TensorDataset(x, y, torch.arange(n))
 
 
@@ -69,11 +70,17 @@ class ClassifierData(LightningDataModule):
     def __init__(self, batch_size: int = BATCH, shuffle: bool = True, drop_last: bool = False):
         super().__init__()
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.sets = {"train": classification_data(TRAIN, 10), "val": classification_data(VAL, 11),
-                     "test": classification_data(TEST, 12), "predict": classification_data(PREDICT, 13)}
+        self.sets = {
+            "train": classification_data(TRAIN, 10),
+            "val": classification_data(VAL, 11),
+            "test": classification_data(TEST, 12),
+            "predict": classification_data(PREDICT, 13),
+        }
 
     def train_dataloader(self):
-        return DataLoader(self.sets["train"], batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last)
+        return DataLoader(
+            self.sets["train"], batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last
+        )
 
     def val_dataloader(self):
         return DataLoader(self.sets["val"], batch_size=8)
@@ -190,9 +197,13 @@ def global_metrics(model: MetricClassifier, data: TensorDataset) -> dict[str, fl
     with torch.no_grad():
         logits = model(x)
     probs = logits.softmax(dim=1)
-    return {"loss": float(F.cross_entropy(logits, y)), "loss_sum": float(F.cross_entropy(logits, y, reduction="sum")),
-            "count": float(len(y)), "acc": float((logits.argmax(dim=1) == y).float().mean()),
-            "mse": float((probs - F.one_hot(y, CLASSES).float()).pow(2).mean())}
+    return {
+        "loss": float(F.cross_entropy(logits, y)),
+        "loss_sum": float(F.cross_entropy(logits, y, reduction="sum")),
+        "count": float(len(y)),
+        "acc": float((logits.argmax(dim=1) == y).float().mean()),
+        "mse": float((probs - F.one_hot(y, CLASSES).float()).pow(2).mean()),
+    }
 
 
 class TwoOptimizerGAN(LightningModule):
@@ -216,7 +227,9 @@ class TwoOptimizerGAN(LightningModule):
         noise = batch[:, :8].flip(dims=[1])  # from the batch: no RNG, the same in every run
         self._step(g_opt, lambda: F.softplus(-self.discriminator(self.generator(noise))).mean())
         fake = self.generator(noise).detach()
-        self._step(d_opt, lambda: (F.softplus(-self.discriminator(batch)) + F.softplus(self.discriminator(fake))).mean())
+        self._step(
+            d_opt, lambda: (F.softplus(-self.discriminator(batch)) + F.softplus(self.discriminator(fake))).mean()
+        )
 
     def _step(self, optimizer, loss_fn):
         if self.toggle:
@@ -231,8 +244,10 @@ class TwoOptimizerGAN(LightningModule):
         self.log(f"loss_{'g' if optimizer is self.optimizers()[0] else 'd'}", loss, prog_bar=False)
 
     def configure_optimizers(self):
-        return (torch.optim.SGD(self.generator.parameters(), lr=0.05, momentum=0.5),
-                torch.optim.SGD(self.discriminator.parameters(), lr=0.05, momentum=0.5))
+        return (
+            torch.optim.SGD(self.generator.parameters(), lr=0.05, momentum=0.5),
+            torch.optim.SGD(self.discriminator.parameters(), lr=0.05, momentum=0.5),
+        )
 
 
 class BoringStepSchedule(BoringModel):
@@ -273,8 +288,13 @@ class BoringWithBackbone(BoringModel):
 def backbone_finetuning():
     from lightning.pytorch.callbacks import BackboneFinetuning
 
-    return BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0,
-                              backbone_initial_ratio_lr=0.5, should_align=False, verbose=False)
+    return BackboneFinetuning(
+        unfreeze_backbone_at_epoch=1,
+        lambda_func=lambda epoch: 1.0,
+        backbone_initial_ratio_lr=0.5,
+        should_align=False,
+        verbose=False,
+    )
 
 
 class SeedAtFirstBatch(Callback):

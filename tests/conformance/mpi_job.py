@@ -4,6 +4,7 @@ usage: mpi_job.py OUT_DIR CASE/STRATEGY [CASE/STRATEGY ...]   (cases and strateg
 Every DDP case must come after every other one: once DDP has set up its gloo process group, it stays for the
 rest of the job; it is destroyed before the job exits (its threads would abort MPI's finalisation).
 """
+
 import sys
 from pathlib import Path
 

@@ -11,10 +11,11 @@ on the union is what sync_batchnorm must compute).
 ``one_worker``: the async strategy with one worker is one process reading the whole training set in the
 order of a one-replica ``DistributedSampler``, the server applying each of its gradients in turn.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
@@ -39,8 +40,9 @@ class StepOrder(Sampler[int]):
     def shards(self) -> list[list[int]]:
         shards = []
         for rank in range(self.replicas):
-            sampler = DistributedSampler(range(self.size), num_replicas=self.replicas, rank=rank,
-                                         shuffle=self.shuffle, seed=0)
+            sampler = DistributedSampler(
+                range(self.size), num_replicas=self.replicas, rank=rank, shuffle=self.shuffle, seed=0
+            )
             sampler.set_epoch(self.epoch)
             shards.append(list(sampler))
         return shards
@@ -50,38 +52,52 @@ class StepOrder(Sampler[int]):
         steps = len(shards[0]) // self.batch_size if self.drop_last else -(-len(shards[0]) // self.batch_size)
         for k in range(steps):
             for shard in shards:
-                yield from shard[k * self.batch_size:(k + 1) * self.batch_size]
+                yield from shard[k * self.batch_size : (k + 1) * self.batch_size]
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
 
-def in_step_order(dataset, replicas: int, batch_size: int = BATCH, drop_last: bool = False,
-                  shuffle: bool = True) -> DataLoader:
+def in_step_order(
+    dataset, replicas: int, batch_size: int = BATCH, drop_last: bool = False, shuffle: bool = True
+) -> DataLoader:
     """One process's loader whose batches are the union of ``replicas`` ranks' batches of each step."""
     sampler = StepOrder(len(dataset), replicas, batch_size, drop_last, shuffle)
     return DataLoader(dataset, batch_size=replicas * batch_size, sampler=sampler)
 
 
-def fit_one_process(make_model: Callable, train: DataLoader, epochs: int = 1, callbacks: tuple = (),
-                    **settings) -> dict:
+def fit_one_process(
+    make_model: Callable, train: DataLoader, epochs: int = 1, callbacks: tuple = (), **settings
+) -> dict:
     torch.manual_seed(0)
     model, record = make_model(), RecordTraining()
-    trainer = Trainer(devices=1, plugins=[LightningEnvironment()], max_epochs=epochs, limit_val_batches=0,
-                      callbacks=[record, *callbacks], **{**QUIET, **settings})
+    trainer = Trainer(
+        devices=1,
+        plugins=[LightningEnvironment()],
+        max_epochs=epochs,
+        limit_val_batches=0,
+        callbacks=[record, *callbacks],
+        **{**QUIET, **settings},
+    )
     trainer.fit(model, train)
     return fit_summary(trainer, model, record)
 
 
-@lru_cache(maxsize=None)
+@cache
 def union(name: str) -> dict:
     """The ``mpi`` cases whose expected result is one process on the union of both ranks' batches."""
-    from conformance.models import (BoringWithBackbone, ClassifierData, MetricClassifier, TwoOptimizerGAN,
-                                    backbone_finetuning)
+    from conformance.models import (
+        BoringWithBackbone,
+        ClassifierData,
+        MetricClassifier,
+        TwoOptimizerGAN,
+        backbone_finetuning,
+    )
 
     if name == "unfreeze":
-        return fit_one_process(BoringWithBackbone, in_step_order(boring_data(), 2), epochs=2,
-                               callbacks=(backbone_finetuning(),))
+        return fit_one_process(
+            BoringWithBackbone, in_step_order(boring_data(), 2), epochs=2, callbacks=(backbone_finetuning(),)
+        )
     if name in ("gan_toggled", "gan_untoggled"):
         return fit_one_process(lambda: TwoOptimizerGAN(toggle=name == "gan_toggled"), in_step_order(boring_data(), 2))
     if name == "sync_batchnorm":
@@ -89,7 +105,7 @@ def union(name: str) -> dict:
     raise ValueError(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def one_worker(name: str, threads: int) -> dict:
     """The async cases on one worker: one process on the whole training set, in order, batches of BATCH,
     computed with the worker's number of threads (another splits sums differently: the transformer then
@@ -105,8 +121,15 @@ def one_worker(name: str, threads: int) -> dict:
 def _one_worker(name: str) -> dict:
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from conformance.models import (BoringStepSchedule, BoringWithBackbone, BoringWithUnused, ClassifierData,
-                                    MetricClassifier, TwoOptimizerGAN, backbone_finetuning)
+    from conformance.models import (
+        BoringStepSchedule,
+        BoringWithBackbone,
+        BoringWithUnused,
+        ClassifierData,
+        MetricClassifier,
+        TwoOptimizerGAN,
+        backbone_finetuning,
+    )
 
     boring = in_step_order(boring_data(), 1)
     if name == "boring_fit":
@@ -127,8 +150,7 @@ def _one_worker(name: str) -> dict:
         return fit_one_process(MetricClassifier, in_step_order(ClassifierData().sets["train"], 1), epochs=2)
     if name in ("transformer", "transformer_bf16"):
         settings = {"precision": "bf16-mixed"} if name == "transformer_bf16" else {}
-        return fit_one_process(transformer, in_step_order(token_data(), 1),
-                               callbacks=(SeedAtFirstBatch(),), **settings)
+        return fit_one_process(transformer, in_step_order(token_data(), 1), callbacks=(SeedAtFirstBatch(),), **settings)
     raise ValueError(name)
 
 

@@ -7,6 +7,7 @@ With two workers (3 ranks) the order of updates depends on timing: the tests che
 it is (every rank ends with the server's state, the run's steps and epochs, evaluation over every sample
 once, metrics equal to their global values) and that what async cannot honour is refused in one line.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -14,13 +15,36 @@ import torch
 
 from conformance.jobs import launch
 from conformance.references import one_worker
-from conformance.test_mpi import (assert_equal_to, assert_logged_metrics_are_global, assert_states_equal,
-                                  one_line_error, refused_alike)
+from conformance.test_mpi import (
+    assert_equal_to,
+    assert_logged_metrics_are_global,
+    assert_states_equal,
+    one_line_error,
+    refused_alike,
+)
 
-ONE_WORKER = ["boring_fit", "step_schedule", "accumulate_clip", "drop_last", "unused", "gan_toggled",
-              "classifier", "transformer", "transformer_bf16"]
-TWO_WORKERS = ["boring_fit/async", "boring_fit/async_by_name", "boring_manual/async", "gan_toggled/async",
-               "classifier/async", "straggler/async", "refusals/async", "sync_batchnorm/async", "unfreeze/async"]
+ONE_WORKER = [
+    "boring_fit",
+    "step_schedule",
+    "accumulate_clip",
+    "drop_last",
+    "unused",
+    "gan_toggled",
+    "classifier",
+    "transformer",
+    "transformer_bf16",
+]
+TWO_WORKERS = [
+    "boring_fit/async",
+    "boring_fit/async_by_name",
+    "boring_manual/async",
+    "gan_toggled/async",
+    "classifier/async",
+    "straggler/async",
+    "refusals/async",
+    "sync_batchnorm/async",
+    "unfreeze/async",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +71,12 @@ def test_one_worker_trains_as_one_process(one_worker_job, case):
 
 # ---- two workers: what holds whatever the order of updates --------------------------------------------------
 def test_every_rank_ends_with_the_servers_state_and_the_runs_counters(two_worker_job):
-    for case, strategy in (("boring_fit", "async"), ("boring_fit", "async_by_name"), ("classifier", "async"),
-                           ("straggler", "async")):
+    for case, strategy in (
+        ("boring_fit", "async"),
+        ("boring_fit", "async_by_name"),
+        ("classifier", "async"),
+        ("straggler", "async"),
+    ):
         ranks = two_worker_job.ok(case, strategy)
         for rank, result in enumerate(ranks[1:], start=1):
             assert_states_equal(result["state"], ranks[0]["state"], f"{case}/{strategy}: rank {rank} vs server", 0)
@@ -56,13 +84,13 @@ def test_every_rank_ends_with_the_servers_state_and_the_runs_counters(two_worker
             assert (result["global_step"], result["current_epoch"]) == (32, 2), f"{case}/{strategy}: rank {rank}"
     boring = two_worker_job.ok("boring_fit", "async")
     assert all(r["lrs"] == [pytest.approx(0.1 * 0.1**2)] for r in boring), "StepLR stepped once per epoch of the run"
-    assert {r["strategy_class"] for r in two_worker_job.ok("boring_fit", "async_by_name")} == \
-        {"AsyncStaleGradientStrategy"}
+    assert {r["strategy_class"] for r in two_worker_job.ok("boring_fit", "async_by_name")} == {
+        "AsyncStaleGradientStrategy"
+    }
 
 
 @pytest.mark.parametrize("case, steps_per_batch", [("boring_manual", 1), ("gan_toggled", 2)])
-def test_manual_optimization_ends_in_the_servers_state_after_every_workers_epoch(two_worker_job, case,
-                                                                                  steps_per_batch):
+def test_manual_optimization_ends_in_the_servers_state_after_every_workers_epoch(two_worker_job, case, steps_per_batch):
     """Each worker runs its own epoch (the server cannot know how many steps a batch makes): the run is
     every batch of both shards, each with the optimizer steps the module made on it."""
     ranks = two_worker_job.ok(case, "async")
@@ -113,7 +141,6 @@ def test_what_needs_validation_during_training_is_refused_in_one_line_on_every_r
         assert "async" in refused_alike(ranks, "messages", name)
 
 
-@pytest.mark.parametrize("case, names", [("sync_batchnorm", "sync_batchnorm=True"),
-                                         ("unfreeze", "BackboneFinetuning")])
+@pytest.mark.parametrize("case, names", [("sync_batchnorm", "sync_batchnorm=True"), ("unfreeze", "BackboneFinetuning")])
 def test_what_async_cannot_follow_is_a_one_line_error(two_worker_job, case, names):
     assert names in one_line_error(two_worker_job.results(case, "async"))

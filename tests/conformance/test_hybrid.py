@@ -7,9 +7,10 @@ with one micro-batch per batch is one process training it on the same batches: s
 BatchNorm statistics after two epochs, validation metrics equal to their global values, predictions
 equal to the model's outputs.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def job(tmp_path_factory):
     return launch(tmp_path_factory, "hybrid_job.py", 2, ["refusals/hybrid_by_name", "pipelined/hybrid"], timeout=120)
 
 
-@lru_cache(maxsize=None)
+@cache
 def one_process(threads: int) -> dict:
     from conformance.models import ClassifierData, PipelinedClassifier
     from conformance.references import fit_one_process, in_step_order

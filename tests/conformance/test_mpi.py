@@ -2,6 +2,7 @@
 way, in the same MPI job, or against one process on the union of the ranks' batches where DDP does not define
 what is right (parameters unfrozen mid-training, which DDP's reducer never averages; sync_batchnorm, which
 torch's SyncBatchNorm cannot do on a CPU)."""
+
 from __future__ import annotations
 
 import math
@@ -13,15 +14,43 @@ import torch
 from conformance.jobs import launch
 from conformance.references import union
 
-MPI_RUNS = ["boring_fit/mpi", "boring_fit/mpi_by_name", "boring_manual/mpi", "step_schedule/mpi", "accumulate_clip/mpi",
-            "drop_last/mpi", "unused/mpi", "unused/mpi_find_unused_parameters_true", "unfreeze/mpi", "gan_toggled/mpi",
-            "gan_untoggled/mpi", "gan_untoggled/mpi_find_unused_parameters_true", "transformer/mpi",
-            "transformer_bf16/mpi", "classifier/mpi", "checkpoint_early_stopping/mpi", "resume/mpi",
-            "sync_batchnorm/mpi", "trainer_settings/mpi"]
+MPI_RUNS = [
+    "boring_fit/mpi",
+    "boring_fit/mpi_by_name",
+    "boring_manual/mpi",
+    "step_schedule/mpi",
+    "accumulate_clip/mpi",
+    "drop_last/mpi",
+    "unused/mpi",
+    "unused/mpi_find_unused_parameters_true",
+    "unfreeze/mpi",
+    "gan_toggled/mpi",
+    "gan_untoggled/mpi",
+    "gan_untoggled/mpi_find_unused_parameters_true",
+    "transformer/mpi",
+    "transformer_bf16/mpi",
+    "classifier/mpi",
+    "checkpoint_early_stopping/mpi",
+    "resume/mpi",
+    "sync_batchnorm/mpi",
+    "trainer_settings/mpi",
+]
 # after every mpi run: DDP's gloo group, once set up, stays until the job ends
-DDP_RUNS = ["boring_fit/ddp", "boring_manual/ddp", "step_schedule/ddp", "accumulate_clip/ddp", "drop_last/ddp",
-            "unused/ddp_find_unused", "gan_toggled/ddp_find_unused", "gan_untoggled/ddp_find_unused", "transformer/ddp",
-            "transformer_bf16/ddp", "classifier/ddp", "checkpoint_early_stopping/ddp", "resume/ddp"]
+DDP_RUNS = [
+    "boring_fit/ddp",
+    "boring_manual/ddp",
+    "step_schedule/ddp",
+    "accumulate_clip/ddp",
+    "drop_last/ddp",
+    "unused/ddp_find_unused",
+    "gan_toggled/ddp_find_unused",
+    "gan_untoggled/ddp_find_unused",
+    "transformer/ddp",
+    "transformer_bf16/ddp",
+    "classifier/ddp",
+    "checkpoint_early_stopping/ddp",
+    "resume/ddp",
+]
 ATOL = 1e-6
 
 
@@ -112,8 +141,9 @@ def test_devices_and_num_nodes_that_disagree_with_the_job_are_one_line_errors(jo
 def test_fault_tolerance_ulfm_in_a_job_without_it_trains_and_says_it_is_off(job):
     ranks = job.ok("trainer_settings", "mpi")
     assert [r["ulfm_steps"] for r in ranks] == [8, 8]
-    assert any("fault_tolerance='ulfm' is off" in w and "--with-ft ulfm" in w for w in ranks[0]["warnings"]), \
-        ranks[0]["warnings"]
+    assert any("fault_tolerance='ulfm' is off" in w and "--with-ft ulfm" in w for w in ranks[0]["warnings"]), ranks[0][
+        "warnings"
+    ]
 
 
 def test_manual_optimization_equals_ddp(job):
@@ -196,8 +226,9 @@ def test_classifier_with_batchnorm_fit_equals_ddp(job):
     first forward after training, validation's, gives every rank the first rank's buffers)."""
     assert_like_ddp(job, "classifier")
     for rank, (got, want) in enumerate(zip(job.ok("classifier", "mpi"), job.ok("classifier", "ddp"))):
-        assert got["epoch_metrics"] == [pytest.approx(m, abs=1e-6) for m in want["epoch_metrics"]], \
+        assert got["epoch_metrics"] == [pytest.approx(m, abs=1e-6) for m in want["epoch_metrics"]], (
             f"rank {rank}: metrics of each epoch's validation"
+        )
 
 
 def test_training_epoch_metrics_equal_their_global_values(job):

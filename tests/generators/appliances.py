@@ -4,6 +4,7 @@ The copy in ../shared/data has no date column: a header row with 26 names, ``App
 ``lights`` as integers (Wh), the rest as decimals; rows every 10 minutes from 2016-01-11 17:00.
 The generated energy use follows a daily cycle with noise, so a forecaster has something to learn.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 ROOMS = [name for room in range(1, 10) for name in (f"T{room}", f"RH_{room}")]
-COLUMNS = ["Appliances", "lights", *ROOMS, "T_out", "Press_mm_hg", "RH_out", "Windspeed", "Visibility",
-           "Tdewpoint"]
+COLUMNS = ["Appliances", "lights", *ROOMS, "T_out", "Press_mm_hg", "RH_out", "Windspeed", "Visibility", "Tdewpoint"]
 READINGS_PER_DAY = 144
 FIRST_READING_MINUTE = 17 * 60  # 17:00
 

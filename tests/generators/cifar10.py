@@ -3,6 +3,7 @@
 Each class has its own colour (RGB ``class_colour``), with noise, so a test can check both the
 labels and that channels come out in RGB order, and a CNN can learn the classes at once.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -34,7 +35,9 @@ def write_cifar10_jpegs(root: Path, train_per_class: int = 4, test_per_class: in
         for label, name in enumerate(CLASSES):
             (folder / split / name).mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(_images(np.full(per_class, label), rng)):
-                ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+                ok, encoded = cv2.imencode(
+                    ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+                )
                 assert ok
                 (folder / split / name / f"{i:04d}.jpg").write_bytes(encoded.tobytes())
     return folder
@@ -49,8 +52,12 @@ def write_cifar10_batches(root: Path, per_batch: int = 20, seed: int = 0) -> Pat
         labels = np.arange(per_batch) % len(CLASSES)
         rows = _images(labels, rng).transpose(0, 3, 1, 2).reshape(per_batch, -1)  # R plane, G plane, B plane
         # the originals are Python 2 pickles: their keys load as bytes with encoding="bytes"
-        batch = {b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": rows,
-                 b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels.tolist(),
+            b"data": rows,
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CLASSES]}, protocol=2))

@@ -4,6 +4,7 @@ Each row is the class (1.0-5.0) then 140 samples, every value written as ``%15.7
 another, as in the UCR file. Normal beats (class 1) share one shape; abnormal ones another, so an
 autoencoder trained on normal beats scores them apart. Every beat is z-normalised, as in ECG5000.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,9 +18,9 @@ COUNTS = {1: 40, 2: 20, 3: 6, 4: 6, 5: 2}
 def _beat(label: int, rng: np.random.Generator) -> np.ndarray:
     t = np.linspace(0, 1, BEAT_LENGTH)
     if label == 1:
-        beat = -4 * np.exp(-((t - 0.1) / 0.04) ** 2) + np.sin(2 * np.pi * t)
+        beat = -4 * np.exp(-(((t - 0.1) / 0.04) ** 2)) + np.sin(2 * np.pi * t)
     else:
-        beat = np.cos(2 * np.pi * label * t) + 2 * np.exp(-((t - 0.6) / 0.1) ** 2)
+        beat = np.cos(2 * np.pi * label * t) + 2 * np.exp(-(((t - 0.6) / 0.1) ** 2))
     beat = beat + rng.normal(0, 0.1, BEAT_LENGTH)
     return (beat - beat.mean()) / beat.std()
 

@@ -6,6 +6,7 @@ samples in between, as in the real files. Activities differ in gravity direction
 frequency of motion, so a small CNN can tell them apart. ``labels.txt`` also lists an experiment
 whose files are absent (the real file covers all 61 experiments; the subset only 20).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ Planetoid fixes validation to the 500 nodes after the labelled training nodes, s
 graph has 20 + 500 training-graph nodes and 60 test nodes. Features carry the class, so a GCN
 learns it within a few epochs.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -45,9 +46,13 @@ def write_planetoid_cora(root: Path, seed: int = 0) -> Path:
                 graph[node].append(int(other))
                 graph[int(other)].append(node)
     files = {
-        "x": _features(all_labels[:NUM_LABELLED], rng), "y": _one_hot(all_labels[:NUM_LABELLED]),
-        "allx": _features(all_labels, rng), "ally": _one_hot(all_labels),
-        "tx": _features(test_labels, rng), "ty": _one_hot(test_labels), "graph": graph,
+        "x": _features(all_labels[:NUM_LABELLED], rng),
+        "y": _one_hot(all_labels[:NUM_LABELLED]),
+        "allx": _features(all_labels, rng),
+        "ally": _one_hot(all_labels),
+        "tx": _features(test_labels, rng),
+        "ty": _one_hot(test_labels),
+        "graph": graph,
     }
     for name, content in files.items():
         with open(folder / f"ind.cora.{name}", "wb") as f:

@@ -4,6 +4,7 @@
 Each protein's labels are a noisy copy of its graph community, which its features also show,
 so a probe on learnt embeddings can do better than chance.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ def write_ppi(root: Path, nodes_per_graph: int = 40, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for split, graph_ids in GRAPHS.items():
         links, communities = [], []
-        for i, graph_id in enumerate(graph_ids):
+        for i, _graph_id in enumerate(graph_ids):
             graph_links, community = _graph(rng, nodes_per_graph, i * nodes_per_graph)
             links += graph_links
             communities.append(community)

@@ -5,6 +5,7 @@ RDKit is absent).
 Molecules are random small H/C/N/O/F clusters with known geometry, so a test can recompute every
 interatomic distance; ``mu`` is the dipole of fixed per-element charges, so it is learnable.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,8 +59,17 @@ def write_pyg_qm9(root: Path, count: int = 12, seed: int = 0) -> Path:
     for i, (symbols, pos, props) in enumerate(molecules(count, seed)):
         z = torch.tensor([NUMBERS[s] for s in symbols])
         y = torch.tensor([[props[t] for t in TARGETS] + [0.0] * 7], dtype=torch.float)
-        dicts.append({"x": torch.zeros(len(symbols), 11), "edge_index": torch.zeros(2, 0, dtype=torch.long),
-                      "edge_attr": torch.zeros(0, 4), "y": y, "pos": torch.tensor(pos, dtype=torch.float),
-                      "z": z, "name": f"gdb_{i + 1}", "idx": torch.tensor([i])})
+        dicts.append(
+            {
+                "x": torch.zeros(len(symbols), 11),
+                "edge_index": torch.zeros(2, 0, dtype=torch.long),
+                "edge_attr": torch.zeros(0, 4),
+                "y": y,
+                "pos": torch.tensor(pos, dtype=torch.float),
+                "z": z,
+                "name": f"gdb_{i + 1}",
+                "idx": torch.tensor([i]),
+            }
+        )
     torch.save(dicts, folder / "qm9_v3.pt")
     return folder.parent

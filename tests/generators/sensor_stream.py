@@ -7,6 +7,7 @@ datatest -> datatraining -> datatest2; ``datatest2.txt`` keeps the R-style heade
 written like ``1.83E+01``, the training file's steps then the test file's.
 Temperatures follow a daily cycle with some noise, so a forecaster can beat persistence.
 """
+
 from __future__ import annotations
 
 from datetime import datetime, timedelta
@@ -14,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-OCCUPANCY_STARTS = {"datatest.txt": "2015-02-02 14:19:00", "datatraining.txt": "2015-02-04 17:51:00",
-                    "datatest2.txt": "2015-02-11 14:48:00"}
+OCCUPANCY_STARTS = {
+    "datatest.txt": "2015-02-02 14:19:00",
+    "datatraining.txt": "2015-02-04 17:51:00",
+    "datatest2.txt": "2015-02-11 14:48:00",
+}
 FIELDS = ["date", "Temperature", "Humidity", "Light", "CO2", "HumidityRatio", "Occupancy"]
 
 
@@ -42,15 +46,16 @@ def write_occupancy(root: Path, rows_per_file: int = 200, seed: int = 0) -> Path
     return folder
 
 
-def write_intel(root: Path, num_sensors: int = 6, train_steps: int = 96, test_steps: int = 64,
-                seed: int = 0) -> Path:
+def write_intel(root: Path, num_sensors: int = 6, train_steps: int = 96, test_steps: int = 64, seed: int = 0) -> Path:
     """Write ``intelTemperature{Train,Test}.csv`` into ``root/intel_lab_preprocessed``; returns that folder."""
     rng = np.random.default_rng(seed)
     folder = Path(root) / "intel_lab_preprocessed"
     folder.mkdir(parents=True, exist_ok=True)
     minutes = 30 * np.arange(train_steps + test_steps)
     readings = np.stack([_temperature(minutes + 60 * s, rng) + s for s in range(num_sensors)])
-    for name, part in (("intelTemperatureTrain.csv", readings[:, :train_steps]),
-                       ("intelTemperatureTest.csv", readings[:, train_steps:])):
+    for name, part in (
+        ("intelTemperatureTrain.csv", readings[:, :train_steps]),
+        ("intelTemperatureTest.csv", readings[:, train_steps:]),
+    ):
         (folder / name).write_text("\n".join(",".join(f"{v:.2E}" for v in row) for row in part) + "\n")
     return folder

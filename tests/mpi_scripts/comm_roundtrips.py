@@ -1,7 +1,8 @@
-"""Round trips through lightning_xd.comm on every rank; any mismatch raises (and aborts the job)."""
+"""Round trips through lightning_xd.comm.communicator on every rank; any mismatch raises (and aborts the job)."""
+
 import torch
 
-from lightning_xd.comm import world
+from lightning_xd.comm.communicator import world
 
 comm = world()
 rank, size = comm.rank, comm.size

@@ -1,6 +1,7 @@
 """Lightning's BoringModel with a training loader that drops its last incomplete batch, under each named
 strategy in turn: validation must still run at every epoch end, so monitored checkpoints and early
 stopping work.   usage: fit_drop_last.py OUT_DIR STRATEGY[,STRATEGY...]"""
+
 import json
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
-import strategies  # noqa: F401  (registers the names)
-from lightning_xd.registry import STRATEGIES
+import lightning_xd.strategies  # noqa: F401  (registers the names)
+from lightning_xd.launch.registry import STRATEGIES
 
 
 class DropLast(BoringModel):
@@ -42,14 +43,29 @@ for name in sys.argv[2].split(","):
     counter = CountEpochEnds()
     checkpoint = ModelCheckpoint(dirpath=out / name, monitor="val_loss", save_top_k=1)
     stopping = EarlyStopping(monitor="val_loss", patience=100)
-    trainer = Trainer(strategy=STRATEGIES.build(name, {}), accelerator="cpu", max_epochs=3, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=2, callbacks=[counter, checkpoint, stopping])
+    trainer = Trainer(
+        strategy=STRATEGIES.build(name, {}),
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        callbacks=[counter, checkpoint, stopping],
+    )
     trainer.fit(DropLast())
     if trainer.is_global_zero:
-        (out / f"{name}.json").write_text(json.dumps({
-            "trained_epochs": counter.trained, "validated_epochs": counter.validated,
-            "steps": trainer.global_step, "best_model_path": checkpoint.best_model_path,
-            "early_stopping_best": None if stopping.best_score is None else float(stopping.best_score)}))
+        (out / f"{name}.json").write_text(
+            json.dumps(
+                {
+                    "trained_epochs": counter.trained,
+                    "validated_epochs": counter.validated,
+                    "steps": trainer.global_step,
+                    "best_model_path": checkpoint.best_model_path,
+                    "early_stopping_best": None if stopping.best_score is None else float(stopping.best_score),
+                }
+            )
+        )
 if torch.distributed.is_initialized():  # DDP's gloo group, ended before MPI is (its threads would abort the exit)
     torch.distributed.destroy_process_group()

@@ -1,16 +1,18 @@
 """Each rank, placed by the launcher's mpirun command, reports the cores it may run on and the threads
 torch was given for them.  usage: report_cores.py OUT_DIR"""
+
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from lightning_xd.comm import world
-from lightning_xd.cores import allowed_cores, share_cores
+from lightning_xd.comm.communicator import world
+from lightning_xd.launch.cores import allowed_cores, share_cores
 
 threads = share_cores(world().local())
-rows = world().allgather_object({"cores": sorted(allowed_cores()), "threads": threads,
-                                 "torch_threads": torch.get_num_threads()})
+rows = world().allgather_object(
+    {"cores": sorted(allowed_cores()), "threads": threads, "torch_threads": torch.get_num_threads()}
+)
 if world().rank == 0:
     Path(sys.argv[1]).write_text(json.dumps(rows))

@@ -1,4 +1,4 @@
-"""BatchNorm synchronised over MPI (lightning_xd.sync_batchnorm) against one BatchNorm on the union batch.
+"""BatchNorm synchronised over MPI (lightning_xd.parallel.sync_batchnorm) against one BatchNorm on the union batch.
 
 usage: sync_batchnorm_cases.py OUT_DIR PART[,PART...]
   layers      every case of LAYER_CASES on this rank's share of the union batch:
@@ -10,6 +10,7 @@ A part that raises writes {"error": traceback} instead, and the job goes on with
 The definitions here are shared with tests/test_sync_batchnorm.py, which also runs ``run_layer_case``
 in threads with an in-process communicator and computes the single-process references.
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,11 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gradient_cases import UnionOrder, dataset
 from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader
-
-from gradient_cases import UnionOrder, dataset
 
 STEPS = 2  # training steps per layer case, then one forward in eval mode
 
@@ -32,8 +32,12 @@ LAYER_CASES = {
     "1d-no-bias": (lambda: nn.BatchNorm1d(4, bias=False), (4,), (5, 3), torch.float32),
     "1d-seq-cumulative": (lambda: nn.BatchNorm1d(4, momentum=None), (4, 6), (3, 5), torch.float32),
     "2d": (lambda: nn.BatchNorm2d(3), (3, 4, 4), (3, 5), torch.float32),
-    "2d-empty-rank-no-affine": (lambda: nn.BatchNorm2d(3, affine=False, momentum=0.3), (3, 2, 2), (0, 6),
-                                torch.float32),
+    "2d-empty-rank-no-affine": (
+        lambda: nn.BatchNorm2d(3, affine=False, momentum=0.3),
+        (3, 2, 2),
+        (0, 6),
+        torch.float32,
+    ),
     "3d": (lambda: nn.BatchNorm3d(2), (2, 2, 3, 3), (5, 3), torch.float32),
     "2d-bf16": (lambda: nn.BatchNorm2d(3), (3, 4, 4), (3, 5), torch.bfloat16),
 }
@@ -77,10 +81,10 @@ def _state(layer: nn.Module) -> dict:
 def run_layer_case(case: str, rank: int, communicator) -> dict:
     """This rank's share of each step through the synced layer (``communicator``: the callable the
     strategy would pass), then one eval-mode forward; outputs, gradients and the final state."""
-    from lightning_xd.sync_batchnorm import MPISyncBatchNorm
+    from lightning_xd.parallel.sync_batchnorm import MPISyncBatchNorm
 
     sizes = LAYER_CASES[case][2]
-    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     plain = plain_layer(case)
     sync = MPISyncBatchNorm(communicator)
     layer = sync.apply(plain)
@@ -94,8 +98,14 @@ def run_layer_case(case: str, rank: int, communicator) -> dict:
     with torch.no_grad():
         eval_out = layer(x[lo:hi])
     reverted = sync.revert(layer)
-    return {"steps": steps, "state": state, "eval_out": eval_out, "synced_class": type(layer).__name__,
-            "reverted_is_original": reverted is plain, "reverted_state": _state(reverted)}
+    return {
+        "steps": steps,
+        "state": state,
+        "eval_out": eval_out,
+        "synced_class": type(layer).__name__,
+        "reverted_is_original": reverted is plain,
+        "reverted_state": _state(reverted),
+    }
 
 
 def layer_reference(case: str) -> dict:
@@ -159,8 +169,15 @@ class SeenInTraining(Callback):
 
 
 def trainer_kwargs() -> dict:
-    return dict(accelerator="cpu", max_epochs=LIGHTNING_EPOCHS, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+    return dict(
+        accelerator="cpu",
+        max_epochs=LIGHTNING_EPOCHS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+    )
 
 
 def lightning_reference() -> dict:
@@ -177,22 +194,26 @@ def lightning_reference() -> dict:
 def fit_under_mpi(sync_batchnorm: bool) -> dict:
     from lightning.pytorch import Trainer
 
-    import strategies  # noqa: F401  (registers the names)
-    from lightning_xd.registry import STRATEGIES
+    import lightning_xd.strategies  # noqa: F401  (registers the names)
+    from lightning_xd.launch.registry import STRATEGIES
 
     seen = SeenInTraining()
     model = BNRegressor()
     strategy = STRATEGIES.build("mpi", {})
     trainer = Trainer(strategy=strategy, sync_batchnorm=sync_batchnorm, callbacks=[seen], **trainer_kwargs())
     trainer.fit(model)
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "classes_in_training": sorted(seen.classes), "optimizer_holds_weight": seen.optimizer_holds_weight,
-            "class_after_fit": type(model.net[1]).__name__, "layer_sync": type(strategy._layer_sync).__name__,
-            "steps": trainer.global_step}
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "classes_in_training": sorted(seen.classes),
+        "optimizer_holds_weight": seen.optimizer_holds_weight,
+        "class_after_fit": type(model.net[1]).__name__,
+        "layer_sync": type(strategy._layer_sync).__name__,
+        "steps": trainer.global_step,
+    }
 
 
 def main(out: Path, parts: list[str]) -> None:
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     rank = world().rank
     out.mkdir(parents=True, exist_ok=True)

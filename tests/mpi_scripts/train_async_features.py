@@ -10,6 +10,7 @@ one after the other in one MPI job: a refused fit must leave every rank ready fo
   worker sets ``trainer.should_stop`` on its own).
 The test imports this file for the model and the one-process reference (``reference_run``).
 """
+
 import sys
 from pathlib import Path
 
@@ -20,10 +21,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.plugins.precision import MixedPrecision
+from tiny_models import TinyData
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-
-from tiny_models import TinyData
 
 EPOCHS = 2
 
@@ -129,16 +129,21 @@ def one_worker_case(name: str) -> tuple[dict, dict]:
     raise ValueError(name)
 
 
-QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-             num_sanity_val_steps=0)
+QUIET = dict(
+    accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0
+)
 
 
 def result_of(trainer, model, record) -> dict:
-    return {"snapshots": record.snapshots, "scales": record.scales, "batches": dict(record.batches),
-            "seen": list(model.seen) if hasattr(model, "seen") else None,
-            "output_dtypes": sorted(getattr(model, "output_dtypes", [])),
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "global_step": trainer.global_step}
+    return {
+        "snapshots": record.snapshots,
+        "scales": record.scales,
+        "batches": dict(record.batches),
+        "seen": list(model.seen) if hasattr(model, "seen") else None,
+        "output_dtypes": sorted(getattr(model, "output_dtypes", [])),
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "global_step": trainer.global_step,
+    }
 
 
 def reference_run(name: str, root: str) -> dict:
@@ -146,14 +151,22 @@ def reference_run(name: str, root: str) -> dict:
     settings, model_settings = one_worker_case(name)
     plugins = [LightningEnvironment(), *settings.pop("plugins", [])]
     model, record = DenseRegressor(**model_settings), Record()
-    trainer = Trainer(devices=1, plugins=plugins, callbacks=[record], enable_checkpointing=False,
-                      limit_val_batches=0, default_root_dir=root, **QUIET, **settings)
+    trainer = Trainer(
+        devices=1,
+        plugins=plugins,
+        callbacks=[record],
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+        **QUIET,
+        **settings,
+    )
     trainer.fit(model, ReferenceData(with_index=True))
     return result_of(trainer, model, record)
 
 
 def async_strategy():
-    from lightning_xd.registry import STRATEGIES
+    from lightning_xd.launch.registry import STRATEGIES
 
     return STRATEGIES.build("async", {"staleness": 4})
 
@@ -161,8 +174,14 @@ def async_strategy():
 def run_one_worker(name: str, out: Path) -> dict:
     settings, model_settings = one_worker_case(name)
     strategy, model, record = async_strategy(), DenseRegressor(**model_settings), Record()
-    trainer = Trainer(strategy=strategy, callbacks=[record], enable_checkpointing=False, default_root_dir=str(out),
-                      **QUIET, **settings)
+    trainer = Trainer(
+        strategy=strategy,
+        callbacks=[record],
+        enable_checkpointing=False,
+        default_root_dir=str(out),
+        **QUIET,
+        **settings,
+    )
     trainer.fit(model, TinyData(with_index=True))
     return {**result_of(trainer, model, record), "summary": strategy.summary_metrics()}
 
@@ -180,8 +199,9 @@ def run_refusals(out: Path) -> dict:
     }
     messages = {}
     for name, (model_class, settings) in cases.items():
-        trainer = Trainer(strategy=async_strategy(), max_epochs=1, default_root_dir=str(out / name), **QUIET,
-                          **settings)
+        trainer = Trainer(
+            strategy=async_strategy(), max_epochs=1, default_root_dir=str(out / name), **QUIET, **settings
+        )
         try:
             trainer.fit(model_class(), TinyData(with_index=True))
             messages[name] = None
@@ -192,15 +212,20 @@ def run_refusals(out: Path) -> dict:
 
 def run_boring(out: Path, model: BoringModel, **settings) -> dict:
     strategy, record = async_strategy(), Record()
-    trainer = Trainer(strategy=strategy, max_epochs=EPOCHS, callbacks=[record], default_root_dir=str(out),
-                      **QUIET, **settings)
+    trainer = Trainer(
+        strategy=strategy, max_epochs=EPOCHS, callbacks=[record], default_root_dir=str(out), **QUIET, **settings
+    )
     trainer.fit(model)
-    fitted = {"lr": trainer.optimizers[0].param_groups[0]["lr"],
-              "scheduler_steps": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
-              "total_steps": getattr(model, "total_steps", None), "summary": strategy.summary_metrics(),
-              "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-              "train_batches": record.batches["train"], "global_step": trainer.global_step,
-              "current_epoch": trainer.current_epoch}
+    fitted = {
+        "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        "scheduler_steps": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+        "total_steps": getattr(model, "total_steps", None),
+        "summary": strategy.summary_metrics(),
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "train_batches": record.batches["train"],
+        "global_step": trainer.global_step,
+        "current_epoch": trainer.current_epoch,
+    }
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:  # Lightning's default ModelCheckpoint
         saved = torch.load(checkpoint.best_model_path, weights_only=False)
@@ -209,8 +234,13 @@ def run_boring(out: Path, model: BoringModel, **settings) -> dict:
     validated = trainer.validate(model, verbose=False)
     tested = trainer.test(model, verbose=False)
     predicted = trainer.predict(model)
-    return {**fitted, "validated": validated, "tested": tested, "predictions": len(predicted),
-            "batches": dict(record.batches)}
+    return {
+        **fitted,
+        "validated": validated,
+        "tested": tested,
+        "predictions": len(predicted),
+        "batches": dict(record.batches),
+    }
 
 
 def run_case(name: str, out: Path) -> dict:
@@ -225,18 +255,27 @@ def run_case(name: str, out: Path) -> dict:
     if name in ("accumulate_two_workers", "worker_stops"):
         strategy, record = async_strategy(), Record()
         model = DenseRegressor() if name == "accumulate_two_workers" else StopsOnItsOwn()
-        settings = {"accumulate_grad_batches": 2, "max_epochs": EPOCHS} if name == "accumulate_two_workers" \
+        settings = (
+            {"accumulate_grad_batches": 2, "max_epochs": EPOCHS}
+            if name == "accumulate_two_workers"
             else {"max_epochs": 5}
-        trainer = Trainer(strategy=strategy, callbacks=[record], enable_checkpointing=False,
-                          default_root_dir=str(out), **QUIET, **settings)
+        )
+        trainer = Trainer(
+            strategy=strategy,
+            callbacks=[record],
+            enable_checkpointing=False,
+            default_root_dir=str(out),
+            **QUIET,
+            **settings,
+        )
         trainer.fit(model, TinyData(with_index=True))
         return {**result_of(trainer, model, record), "summary": strategy.summary_metrics(), "snapshots": None}
     raise ValueError(f"unknown case {name}")
 
 
 def main(out: Path, cases: list[str]) -> None:
-    import strategies  # noqa: F401  (registers the names)
-    from lightning_xd.comm import world
+    import lightning_xd.strategies  # noqa: F401  (registers the names)
+    from lightning_xd.comm.communicator import world
 
     for name in cases:
         result = run_case(name, out / name)

@@ -3,16 +3,17 @@
 usage: train_gradient_cases.py OUT_DIR CASE[,CASE...]
 Writes OUT_DIR/<case>-rank<r>.pt: the final parameters, or the error the run ended with.
 """
+
 import sys
 from pathlib import Path
 
 import torch
+from gradient_cases import CASES
 from lightning.pytorch import Trainer
 
-import strategies  # noqa: F401  (registers the names)
-from gradient_cases import CASES
+import lightning_xd.strategies  # noqa: F401  (registers the names)
 from lightning_xd.errors import UserError
-from lightning_xd.registry import STRATEGIES
+from lightning_xd.launch.registry import STRATEGIES
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
@@ -20,9 +21,16 @@ for case in sys.argv[2].split(","):
     model_class, settings, callbacks, epochs = CASES[case]
     strategy = STRATEGIES.build("mpi", dict(settings))
     model = model_class()
-    trainer = Trainer(strategy=strategy, accelerator="cpu", max_epochs=epochs, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=callbacks())
+    trainer = Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks(),
+    )
     try:
         trainer.fit(model)
         result = {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}}

@@ -4,16 +4,17 @@ table's gradient was sparse after the strategy averaged it.
 
 usage: train_graphsage_steps.py OUT_DIR DATA_DIR STRATEGY STEPS
 """
+
 import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
 
-import strategies  # noqa: F401  (registers the names)
-from datamodules.synthetic_graph import SyntheticGraphDataModule
-from lightning_xd.registry import STRATEGIES
-from models.graphsage import GraphSAGE
+import lightning_xd.strategies  # noqa: F401  (registers the names)
+from lightning_xd.datamodules.synthetic_graph import SyntheticGraphDataModule
+from lightning_xd.launch.registry import STRATEGIES
+from lightning_xd.models.graphsage import GraphSAGE
 
 out, data_dir, name, steps = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 
@@ -35,17 +36,48 @@ class RecordingGraphSAGE(GraphSAGE):
 
 
 strategy = STRATEGIES.build(name, {})
-datamodule = SyntheticGraphDataModule(data_dir, str(out / "cache"), batch_size=16, num_nodes=300, num_features=8,
-                                      num_communities=3, fanouts="4,3", nprocs=strategy.world_size)
+datamodule = SyntheticGraphDataModule(
+    data_dir,
+    str(out / "cache"),
+    batch_size=16,
+    num_nodes=300,
+    num_features=8,
+    num_communities=3,
+    fanouts="4,3",
+    nprocs=strategy.world_size,
+)
 torch.manual_seed(strategy.global_rank)  # different initial weights per rank: the strategy must broadcast
-model = RecordingGraphSAGE(**datamodule.model_kwargs(), hidden_channels=16, out_channels=8, embedding_dim=4,
-                           dropout=0.0, table_init_std=0.1, table_lr=0.01)
+model = RecordingGraphSAGE(
+    **datamodule.model_kwargs(),
+    hidden_channels=16,
+    out_channels=8,
+    embedding_dim=4,
+    dropout=0.0,
+    table_init_std=0.1,
+    table_lr=0.01,
+)
 initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-trainer = Trainer(strategy=strategy, accelerator="cpu", max_epochs=1, limit_train_batches=steps, limit_val_batches=0,
-                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  num_sanity_val_steps=0)
+trainer = Trainer(
+    strategy=strategy,
+    accelerator="cpu",
+    max_epochs=1,
+    limit_train_batches=steps,
+    limit_val_batches=0,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
 trainer.fit(model, datamodule)
 out.mkdir(parents=True, exist_ok=True)
-torch.save({"initial": initial, "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "batches": model.batches, "sparse_grad_seen": model.sparse_grad_seen,
-            "hparams": dict(model.hparams)}, out / f"rank{trainer.global_rank}.pt")
+torch.save(
+    {
+        "initial": initial,
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "batches": model.batches,
+        "sparse_grad_seen": model.sparse_grad_seen,
+        "hparams": dict(model.hparams),
+    },
+    out / f"rank{trainer.global_rank}.pt",
+)

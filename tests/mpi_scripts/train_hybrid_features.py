@@ -15,6 +15,7 @@ raises saves {"error": traceback} instead and the next case still runs (the test
   to the end of the strategy's set-up, which parameters have real storage;
 - refusals: what the strategy cannot do is one line (accumulation, manual optimization).
 """
+
 import sys
 import traceback
 from pathlib import Path
@@ -23,15 +24,15 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
+from tiny_models import TinyData, TinyPipelined, _Stage
 from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
-import strategies  # noqa: F401  (registers the names)
-from lightning_xd.comm import world
-from lightning_xd.registry import STRATEGIES
-from tiny_models import TinyData, TinyPipelined, _Stage
+import lightning_xd.strategies  # noqa: F401  (registers the names)
+from lightning_xd.comm.communicator import world
+from lightning_xd.launch.registry import STRATEGIES
 
 STAGES, MICROBATCHES = 2, 4
 CLIP = 0.02
@@ -95,7 +96,9 @@ class WidePipelined(TinyPipelined):
     def __init__(self):
         super().__init__()
         torch.manual_seed(1)
-        self.stages = nn.ModuleList([_Stage(4, WIDE), *[_Stage(WIDE, WIDE) for _ in range(8)], _Stage(WIDE, 1, last=True)])
+        self.stages = nn.ModuleList(
+            [_Stage(4, WIDE), *[_Stage(WIDE, WIDE) for _ in range(8)], _Stage(WIDE, 1, last=True)]
+        )
 
 
 class FeatureData(TinyData):
@@ -130,7 +133,9 @@ class AtFitStart(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         self.meta = {name: p.is_meta for name, p in pl_module.named_parameters()}
-        self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if k in self.strategy.stage_keys}
+        self.initial = {
+            k: v.detach().clone() for k, v in pl_module.state_dict().items() if k in self.strategy.stage_keys
+        }
 
 
 class Predicted(Callback):
@@ -166,9 +171,16 @@ def hybrid(schedule: str):
 
 
 def trainer_for(out: Path, strategy, **kwargs) -> Trainer:
-    settings = dict(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                    default_root_dir=str(out))
+    settings = dict(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out),
+    )
     return Trainer(strategy=strategy, **{**settings, **kwargs})
 
 
@@ -195,10 +207,19 @@ def case_main(out: Path) -> dict:
     validated = trainer.validate(model, data, verbose=False)[0]
     tested = trainer.test(model, data, verbose=False)[0]
     predictions, predict_error = attempt(lambda: trainer.predict(model, data))
-    return {"own": own_state(model, strategy), "stage_keys": strategy.stage_keys, "steps": trainer.global_step,
-            "meta_at_start": start.meta, "initial": start.initial, "hooks": model.calls + recorder.calls,
-            "val": validated, "test": tested, "predict_error": predict_error,
-            "predictions": [p.detach().float() for p in predictions or []], "predicted_indices": predicted.indices}
+    return {
+        "own": own_state(model, strategy),
+        "stage_keys": strategy.stage_keys,
+        "steps": trainer.global_step,
+        "meta_at_start": start.meta,
+        "initial": start.initial,
+        "hooks": model.calls + recorder.calls,
+        "val": validated,
+        "test": tested,
+        "predict_error": predict_error,
+        "predictions": [p.detach().float() for p in predictions or []],
+        "predicted_indices": predicted.indices,
+    }
 
 
 def case_clip(out: Path) -> dict:
@@ -215,14 +236,22 @@ def case_bf16(out: Path) -> dict:
     model = TinyPipelined()
     seen = []
     for stage in model.stages:
-        stage.register_forward_hook(lambda m, args, output: seen.append(
-            (trainer.state.stage.value, torch.is_autocast_enabled("cpu"), str(output.dtype))))
+        stage.register_forward_hook(
+            lambda m, args, output: seen.append(
+                (trainer.state.stage.value, torch.is_autocast_enabled("cpu"), str(output.dtype))
+            )
+        )
     data = FeatureData(batch_size=8)
     trainer.fit(model, data)
     trainer.validate(model, data, verbose=False)
     predictions, predict_error = attempt(lambda: trainer.predict(model, data))
-    return {"own": own_state(model, strategy), "stage_keys": strategy.stage_keys, "forwards": sorted(set(seen)),
-            "predict_error": predict_error, "prediction_dtypes": sorted({str(p.dtype) for p in predictions or []})}
+    return {
+        "own": own_state(model, strategy),
+        "stage_keys": strategy.stage_keys,
+        "forwards": sorted(set(seen)),
+        "predict_error": predict_error,
+        "prediction_dtypes": sorted({str(p.dtype) for p in predictions or []}),
+    }
 
 
 def case_amp16(out: Path) -> dict:
@@ -239,8 +268,9 @@ def _fit_resumable(out: Path, name: str, epochs: int, ckpt_path=None):
     strategy = hybrid("gpipe")
     best = ModelCheckpoint(dirpath=out / name, monitor="val/loss", mode="min", save_top_k=1)
     stop, every_epoch = EarlyStopping(monitor="val/loss", mode="min", patience=5), EveryEpoch()
-    trainer = trainer_for(out, strategy, max_epochs=epochs, callbacks=[best, stop, every_epoch],
-                          enable_checkpointing=True)
+    trainer = trainer_for(
+        out, strategy, max_epochs=epochs, callbacks=[best, stop, every_epoch], enable_checkpointing=True
+    )
     with trainer.init_module():
         model = ScheduledPipelined()
     trainer.fit(model, FeatureData(batch_size=8), ckpt_path=ckpt_path)
@@ -249,14 +279,26 @@ def _fit_resumable(out: Path, name: str, epochs: int, ckpt_path=None):
 
 def case_resume(out: Path) -> dict:
     trainer, strategy, model, best, stop, every_epoch = _fit_resumable(out, "whole", 3)
-    whole = {"own": own_state(model, strategy), "val_losses": every_epoch.val_losses, "lrs": every_epoch.lrs,
-             "best_score": float(best.best_model_score), "best_path_exists": Path(best.best_model_path).is_file(),
-             "stop_best": float(stop.best_score), "stop_wait": stop.wait_count, "steps": trainer.global_step}
+    whole = {
+        "own": own_state(model, strategy),
+        "val_losses": every_epoch.val_losses,
+        "lrs": every_epoch.lrs,
+        "best_score": float(best.best_model_score),
+        "best_path_exists": Path(best.best_model_path).is_file(),
+        "stop_best": float(stop.best_score),
+        "stop_wait": stop.wait_count,
+        "steps": trainer.global_step,
+    }
     trainer, *_ = _fit_resumable(out, "first", 1)
     trainer.save_checkpoint(out / "after_epoch_1.ckpt")
     trainer, strategy, model, best, stop, every_epoch = _fit_resumable(out, "rest", 3, out / "after_epoch_1.ckpt")
-    return {"stage_keys": strategy.stage_keys, "whole": whole, "resumed": own_state(model, strategy),
-            "resumed_lrs": every_epoch.lrs, "resumed_steps": trainer.global_step}
+    return {
+        "stage_keys": strategy.stage_keys,
+        "whole": whole,
+        "resumed": own_state(model, strategy),
+        "resumed_lrs": every_epoch.lrs,
+        "resumed_steps": trainer.global_step,
+    }
 
 
 def _peak_and_held(prof) -> tuple[int, int]:
@@ -286,15 +328,24 @@ def case_memory(out: Path) -> dict:
     trainer.validate(model, DataLoader(TinyData(8).val_set, batch_size=3), verbose=False)
     peak, held = _peak_and_held(prof)
     whole = WidePipelined()
-    return {"peak_bytes": peak, "held_bytes": held, "real": stopper.real, "stage_keys": strategy.stage_keys,
-            "param_bytes": {n: p.numel() * p.element_size() for n, p in whole.named_parameters()},
-            "own_equal_whole": {k: bool(torch.equal(v, whole.state_dict()[k])) for k, v in own_state(model, strategy).items()}}
+    return {
+        "peak_bytes": peak,
+        "held_bytes": held,
+        "real": stopper.real,
+        "stage_keys": strategy.stage_keys,
+        "param_bytes": {n: p.numel() * p.element_size() for n, p in whole.named_parameters()},
+        "own_equal_whole": {
+            k: bool(torch.equal(v, whole.state_dict()[k])) for k, v in own_state(model, strategy).items()
+        },
+    }
 
 
 def case_refusals(out: Path) -> dict:
     messages = {}
-    for name, model, kwargs in [("accumulate", TinyPipelined(), {"accumulate_grad_batches": 2}),
-                                ("manual", ManualPipelined(), {})]:
+    for name, model, kwargs in [
+        ("accumulate", TinyPipelined(), {"accumulate_grad_batches": 2}),
+        ("manual", ManualPipelined(), {}),
+    ]:
         trainer = trainer_for(out / name, hybrid("gpipe"), **kwargs)
         try:
             trainer.fit(model, FeatureData(batch_size=8))
@@ -304,8 +355,15 @@ def case_refusals(out: Path) -> dict:
     return {"messages": messages}
 
 
-CASES = {"main": case_main, "clip": case_clip, "bf16": case_bf16, "amp16": case_amp16, "resume": case_resume,
-         "memory": case_memory, "refusals": case_refusals}
+CASES = {
+    "main": case_main,
+    "clip": case_clip,
+    "bf16": case_bf16,
+    "amp16": case_amp16,
+    "resume": case_resume,
+    "memory": case_memory,
+    "refusals": case_refusals,
+}
 
 if __name__ == "__main__":
     root = Path(sys.argv[1])

@@ -4,17 +4,18 @@ usage: train_tiny_async.py OUT_DIR MAX_EPOCHS STALENESS [STRAGGLER_RANK:SECONDS]
 Saves rank<r>.pt: final state, the parameters after every step (workers), validation metrics
 after training, the server's summary and the initial validation loss.
 """
+
 import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
-
-import strategies  # noqa: F401  (registers the names)
-from lightning_xd.callbacks import FaultTolerantCheckpoint, StragglerDelay, parse_straggler
-from lightning_xd.checkpoints import VerifiedCheckpointIO
-from lightning_xd.registry import STRATEGIES
 from tiny_models import TinyData, TinyRegressor
+
+import lightning_xd.strategies  # noqa: F401  (registers the names)
+from lightning_xd.callbacks import FaultTolerantCheckpoint, StragglerDelay, parse_straggler
+from lightning_xd.fault_tolerance.checkpoints import VerifiedCheckpointIO
+from lightning_xd.launch.registry import STRATEGIES
 
 out, max_epochs, staleness = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 straggler = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
@@ -33,15 +34,31 @@ strategy = STRATEGIES.build("async", {"staleness": staleness})
 model, data, record = TinyRegressor(), TinyData(), RecordSteps()
 callbacks = [record, FaultTolerantCheckpoint(out / "checkpoints")]
 callbacks += [StragglerDelay(*parse_straggler(straggler))] if straggler else []
-trainer = Trainer(strategy=strategy, accelerator="cpu", max_epochs=max_epochs, logger=False,
-                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                  default_root_dir=str(out), callbacks=callbacks, log_every_n_steps=1,
-                  plugins=[VerifiedCheckpointIO()])
+trainer = Trainer(
+    strategy=strategy,
+    accelerator="cpu",
+    max_epochs=max_epochs,
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+    default_root_dir=str(out),
+    callbacks=callbacks,
+    log_every_n_steps=1,
+    plugins=[VerifiedCheckpointIO()],
+)
 initial = trainer.validate(model, data, verbose=False)[0]
 trainer.fit(model, data, ckpt_path=ckpt_path)
 final = trainer.validate(model, data, verbose=False)[0]
 out.mkdir(parents=True, exist_ok=True)
-torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "snapshots": record.snapshots, "initial": initial, "final": final,
-            "summary": strategy.summary_metrics(), "version": strategy.version},
-           out / f"rank{trainer.global_rank}.pt")
+torch.save(
+    {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "snapshots": record.snapshots,
+        "initial": initial,
+        "final": final,
+        "summary": strategy.summary_metrics(),
+        "version": strategy.version,
+    },
+    out / f"rank{trainer.global_rank}.pt",
+)

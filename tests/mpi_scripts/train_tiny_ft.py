@@ -7,6 +7,7 @@ settings: strategy=mpi, every=2 (checkpoint every N steps), batchnorm=1 (a Batch
 buffers are broadcast before every step), log=1 (an on_step sync_dist log inside training_step),
 accumulate=A (accumulate_grad_batches).
 """
+
 import json
 import os
 import sys
@@ -14,14 +15,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from tiny_models import TinyData, TinyRegressor
 from torch import nn
 
-import strategies  # noqa: F401  (registers the names)
+import lightning_xd.strategies  # noqa: F401  (registers the names)
 from lightning_xd.callbacks import FaultInjector, FaultTolerantCheckpoint, parse_fault
-from lightning_xd.checkpoints import VerifiedCheckpointIO
-from lightning_xd.registry import STRATEGIES
-from lightning_xd.runner import choose_checkpoint
-from tiny_models import TinyData, TinyRegressor
+from lightning_xd.fault_tolerance.checkpoints import VerifiedCheckpointIO
+from lightning_xd.launch.registry import STRATEGIES
+from lightning_xd.launch.runner import choose_checkpoint
 
 out, epochs = Path(sys.argv[1]), int(sys.argv[2])
 fault = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
@@ -59,8 +60,17 @@ class RecordSamples(Callback):
         applied = [i for seen_after, indices in pl_module.window if seen_after == recoveries for i in indices]
         pl_module.window = []
         with open(out / f"samples-{os.getpid()}.jsonl", "a") as f:
-            f.write(json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step + 1,
-                                "world": trainer.world_size, "index": applied}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "epoch": trainer.current_epoch,
+                        "step": trainer.global_step + 1,
+                        "world": trainer.world_size,
+                        "index": applied,
+                    }
+                )
+                + "\n"
+            )
 
 
 strategy = STRATEGIES.build(settings.get("strategy", "mpi"), {})
@@ -71,17 +81,34 @@ if fault:
 out.mkdir(parents=True, exist_ok=True)
 resume = choose_checkpoint("auto", out) if strategy.global_rank == 0 else None
 resume = strategy.comm.broadcast_object(resume) if hasattr(strategy, "comm") else resume
-trainer = Trainer(strategy=strategy, accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
-                  accumulate_grad_batches=int(settings.get("accumulate", 1)),
-                  plugins=[VerifiedCheckpointIO()], default_root_dir=str(out))
+trainer = Trainer(
+    strategy=strategy,
+    accelerator="cpu",
+    max_epochs=epochs,
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+    callbacks=callbacks,
+    accumulate_grad_batches=int(settings.get("accumulate", 1)),
+    plugins=[VerifiedCheckpointIO()],
+    default_root_dir=str(out),
+)
 trainer.fit(model, TinyData(batch_size=2, n_train=36, with_index=True), ckpt_path=resume)
 final = trainer.validate(model, TinyData(batch_size=2, n_train=36, with_index=True), verbose=False)[0]
 if trainer.is_global_zero:
-    torch.save({"state": model.state_dict(), "final": final, "steps": trainer.global_step,
-                "world": trainer.world_size, "summary": strategy.summary_metrics()}, out / "result.pt")
+    torch.save(
+        {
+            "state": model.state_dict(),
+            "final": final,
+            "steps": trainer.global_step,
+            "world": trainer.world_size,
+            "summary": strategy.summary_metrics(),
+        },
+        out / "result.pt",
+    )
     (out / "COMPLETED").write_text("done\n")
 if getattr(strategy, "recoveries", None):
-    from lightning_xd.ulfm import leave_after_failure
+    from lightning_xd.comm.ulfm import leave_after_failure
 
     leave_after_failure()  # MPI_Finalize may hang on the lost process

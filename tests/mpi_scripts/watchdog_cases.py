@@ -7,15 +7,16 @@ usage: watchdog_cases.py OUT_DIR CASE
   training step, right after an on_step ``sync_dist`` log; rank 0 then waits for the step's
   gradients, and the watchdog must end the job within the timeout.
 """
+
 import sys
 import time
 from pathlib import Path
 
 from lightning.pytorch import Trainer
-
-import strategies  # noqa: F401  (registers the names)
-from lightning_xd.registry import STRATEGIES
 from tiny_models import TinyData, TinyRegressor
+
+import lightning_xd.strategies  # noqa: F401  (registers the names)
+from lightning_xd.launch.registry import STRATEGIES
 
 TIMEOUT = 2.0
 out, case = Path(sys.argv[1]), sys.argv[2]
@@ -33,9 +34,18 @@ class Slow(TinyRegressor):
 
 
 strategy = STRATEGIES.build("mpi", {"fault_tolerance": "ulfm", "collective_timeout": TIMEOUT})
-trainer = Trainer(strategy=strategy, accelerator="cpu", max_epochs=1, limit_train_batches=4, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  num_sanity_val_steps=0, limit_val_batches=0)
+trainer = Trainer(
+    strategy=strategy,
+    accelerator="cpu",
+    max_epochs=1,
+    limit_train_batches=4,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+    limit_val_batches=0,
+)
 trainer.fit(Slow(), TinyData())
 out.mkdir(parents=True, exist_ok=True)
 (out / f"finished-rank{trainer.global_rank}").write_text(f"{trainer.global_step}\n")

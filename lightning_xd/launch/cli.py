@@ -11,18 +11,20 @@ Every mistake is one line (``UserError``), never argparse's usage text: a value 
 its domain (``registry.DOMAINS``: ``--max-epochs 0``, ``--lr -1``). A config value is checked
 only where the command line does not override it.
 """
+
 from __future__ import annotations
 
 import argparse
 import inspect
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
 from lightning_xd.errors import UserError
-from lightning_xd.registry import check_domain, convert
+from lightning_xd.launch.registry import check_domain, convert
 
 _UNSET = object()  # marks the flags the command line does not give
 
@@ -40,8 +42,10 @@ def true_or_false(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="train.py", description="Train any registered model with any registered strategy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="train.py",
+        description="Train any registered model with any registered strategy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--config", help="YAML file of flags (names with - or _); the command line wins")
     what = p.add_argument_group("what to train")
     what.add_argument("--model", help="model name (see --list)")
@@ -61,35 +65,72 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--fast-dev-run", action="store_true", help="one batch of train/val/test, no logs kept")
     how.add_argument("--bucket-size-mb", type=float, help="mpi strategy: gradient bucket size (default 25)")
     how.add_argument("--log-every-n-steps", type=int, default=10)
-    how.add_argument("--straggler-delay", metavar="RANK:SECONDS",
-                     help="sleep this long after every training step of that rank (straggler experiments)")
-    how.add_argument("--dashboard-every", type=int, default=50,
-                     help="render the OpenCV dashboard every N steps (0: only at the end)")
+    how.add_argument(
+        "--straggler-delay",
+        metavar="RANK:SECONDS",
+        help="sleep this long after every training step of that rank (straggler experiments)",
+    )
+    how.add_argument(
+        "--dashboard-every", type=int, default=50, help="render the OpenCV dashboard every N steps (0: only at the end)"
+    )
     how.add_argument("--dashboard-video", action="store_true", help="also record the dashboard as an MP4")
     ft = p.add_argument_group("fault tolerance")
     ft.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N optimizer steps")
     ft.add_argument("--ckpt-every-seconds", type=float, help="also checkpoint every T seconds")
-    ft.add_argument("--ckpt-min-seconds", type=float, default=10.0,
-                    help="skip an epoch-end checkpoint while the newest one is younger than this")
+    ft.add_argument(
+        "--ckpt-min-seconds",
+        type=float,
+        default=10.0,
+        help="skip an epoch-end checkpoint while the newest one is younger than this",
+    )
     ft.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (every epoch end is one)")
-    ft.add_argument("--background-checkpoints", type=true_or_false, default=True,
-                    metavar="true|false", help="write checkpoints from a snapshot in a background thread")
-    ft.add_argument("--resume", default="auto",
-                    help="auto: newest verified checkpoint of an unfinished run; never; or a checkpoint PATH")
-    ft.add_argument("--fault-tolerance", choices=["ulfm", "none"], default="ulfm",
-                    help="ulfm: survive killed processes inside the running job (MPI ULFM)")
-    ft.add_argument("--collective-timeout", type=float, default=300.0,
-                    help="seconds a collective may wait before it counts as a failure (watchdog)")
-    ft.add_argument("--max-restarts", type=int, default=0,
-                    help="relaunch a job that ended without finishing, from its last checkpoint")
+    ft.add_argument(
+        "--background-checkpoints",
+        type=true_or_false,
+        default=True,
+        metavar="true|false",
+        help="write checkpoints from a snapshot in a background thread",
+    )
+    ft.add_argument(
+        "--resume",
+        default="auto",
+        help="auto: newest verified checkpoint of an unfinished run; never; or a checkpoint PATH",
+    )
+    ft.add_argument(
+        "--fault-tolerance",
+        choices=["ulfm", "none"],
+        default="ulfm",
+        help="ulfm: survive killed processes inside the running job (MPI ULFM)",
+    )
+    ft.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a collective may wait before it counts as a failure (watchdog)",
+    )
+    ft.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="relaunch a job that ended without finishing, from its last checkpoint",
+    )
     ft.add_argument("--min-nprocs", type=int, help="fewest processes a relaunch may run on (default 1)")
-    ft.add_argument("--inject-fault", metavar="MODE:rank=R,step=S",
-                    help="kill | exit | hang | during-checkpoint, for testing recovery")
+    ft.add_argument(
+        "--inject-fault",
+        metavar="MODE:rank=R,step=S",
+        help="kill | exit | hang | during-checkpoint, for testing recovery",
+    )
     files = p.add_argument_group("files")
-    files.add_argument("--data-dir", default=os.environ.get("XD_DATA_DIR", "./data"),
-                       help="datasets, laid out as ../shared/data ($XD_DATA_DIR)")
-    files.add_argument("--cache-dir", default=os.environ.get("XD_CACHE_DIR"),
-                       help="preprocessed data; default: <data-dir>/cache if writable, else ~/.cache/lightning_xd")
+    files.add_argument(
+        "--data-dir",
+        default=os.environ.get("XD_DATA_DIR", "./data"),
+        help="datasets, laid out as ../shared/data ($XD_DATA_DIR)",
+    )
+    files.add_argument(
+        "--cache-dir",
+        default=os.environ.get("XD_CACHE_DIR"),
+        help="preprocessed data; default: <data-dir>/cache if writable, else ~/.cache/lightning_xd",
+    )
     files.add_argument("--run-dir", help="logs, checkpoints, metrics.json; default: runs/<model>-<data>-<strategy>")
     return p
 
@@ -113,8 +154,12 @@ def _typed(action: argparse.Action, value: Any, where: str) -> Any:
     """A config file's value for one of the parser's flags, converted to the flag's type and checked."""
     boolean = isinstance(action, argparse._StoreTrueAction) or action.type is true_or_false
     kind = bool if boolean else action.type if action.type in (int, float) else str
-    value = convert(inspect.Parameter(action.dest, inspect.Parameter.KEYWORD_ONLY, annotation=kind.__name__),
-                    value, where, typed=True)
+    value = convert(
+        inspect.Parameter(action.dest, inspect.Parameter.KEYWORD_ONLY, annotation=kind.__name__),
+        value,
+        where,
+        typed=True,
+    )
     if action.choices is not None and value not in action.choices:
         raise UserError(f"{where} {value!r} is not one of {', '.join(map(str, action.choices))}")
     check_domain(action.dest, value, where)
@@ -139,7 +184,7 @@ def _extra_flags(tokens: Sequence[str]) -> dict[str, Any]:
     return extra
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parsed and checked flags; those for a model, dataset or strategy are in ``args.extra`` (checked
     by the runner against the constructors), with ``args.extra_from`` naming the config file and key
     of those that came from one."""
@@ -150,8 +195,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     path = given.config if "config" in on_command_line else None
     from_file = _read_config(path) if path else {}
     where = {dest: f"config file {path}, key {key}:" for dest, (key, _) in from_file.items()}
-    parser.set_defaults(**{dest: _typed(actions[dest], value, where[dest]) for dest, (_, value) in from_file.items()
-                           if dest in actions and dest not in on_command_line and value is not None})
+    parser.set_defaults(
+        **{
+            dest: _typed(actions[dest], value, where[dest])
+            for dest, (_, value) in from_file.items()
+            if dest in actions and dest not in on_command_line and value is not None
+        }
+    )
     args, rest = parser.parse_known_args(argv)
     extra = _extra_flags(rest)
     from_file = {dest: value for dest, (_, value) in from_file.items() if dest not in actions and value is not None}
@@ -160,8 +210,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for dest in on_command_line:
         check_domain(dest, getattr(args, dest))
     if args.max_restarts > 0 and args.min_nprocs is not None and args.min_nprocs > args.nprocs:
-        raise UserError(f"--min-nprocs {args.min_nprocs} exceeds --nprocs {args.nprocs}; give at most {args.nprocs} "
-                        "(the fewest processes a restart may run on)")
+        raise UserError(
+            f"--min-nprocs {args.min_nprocs} exceeds --nprocs {args.nprocs}; give at most {args.nprocs} "
+            "(the fewest processes a restart may run on)"
+        )
     return args
 
 
@@ -171,7 +223,7 @@ def default_run_dir(args: argparse.Namespace) -> Path:
 
 def registered_names() -> str:
     """Every registered name with the flags its constructor takes."""
-    from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES, flags_of
+    from lightning_xd.launch.registry import DATAMODULES, MODELS, STRATEGIES, flags_of
 
     lines = []
     for registry in (MODELS, DATAMODULES, STRATEGIES):

@@ -9,6 +9,7 @@ A manifest also records which run wrote the checkpoint (``run``: model, dataset 
 names, also kept inside the checkpoint in its callback's state); a run resumes only a checkpoint
 of its own kind (``check_same_run``). Checkpoints written before that record existed resume as before.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
@@ -26,8 +27,10 @@ from lightning_xd.errors import UserError
 
 MANIFEST_VERSION = 1
 RESUME_PATH_FIX = "resume it with that --model, --data and --strategy, or give --resume another checkpoint or never"
-AUTO_RESUME_FIX = ("--resume auto takes the newest checkpoint of --run-dir: give another --run-dir, or --resume never "
-                   "to start afresh (its checkpoints are moved aside)")
+AUTO_RESUME_FIX = (
+    "--resume auto takes the newest checkpoint of --run-dir: give another --run-dir, or --resume never "
+    "to start afresh (its checkpoints are moved aside)"
+)
 
 
 def sha256_of(path: Path) -> str:
@@ -74,8 +77,14 @@ class CheckpointStore:
         """Move the written temporary file into place, then write its manifest (the commit)."""
         tmp, final = self.temporary_path(name), self.folder / f"{name}.ckpt"
         replace_durably(tmp, final)
-        manifest = {"version": MANIFEST_VERSION, "file": final.name, "sha256": sha256_of(final),
-                    "bytes": final.stat().st_size, "created": time.time(), **info}
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "file": final.name,
+            "sha256": sha256_of(final),
+            "bytes": final.stat().st_size,
+            "created": time.time(),
+            **info,
+        }
         write_json_durably(self.folder / f"{name}.json", manifest)
         return final
 
@@ -92,7 +101,7 @@ class CheckpointStore:
                     print(f"warning: skipping checkpoint manifest {path}: unreadable", flush=True)
         return sorted(found, key=lambda m: (m.get("global_step", -1), m.get("created", 0)), reverse=True)
 
-    def verify(self, manifest: dict[str, Any]) -> Optional[str]:
+    def verify(self, manifest: dict[str, Any]) -> str | None:
         """None when the checkpoint matches its manifest, else why it does not."""
         path = self.folder / manifest.get("file", "")
         if not path.is_file():
@@ -103,7 +112,7 @@ class CheckpointStore:
             return "checksum mismatch (corrupt)"
         return None
 
-    def newest_verified(self) -> Optional[tuple[Path, dict[str, Any]]]:
+    def newest_verified(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint whose bytes match its manifest; broken ones are skipped with a warning."""
         for manifest in self.manifests():
             problem = self.verify(manifest)
@@ -121,7 +130,7 @@ class CheckpointStore:
             if time.time() - tmp.stat().st_mtime > 60:  # a temporary left by a killed writer
                 tmp.unlink(missing_ok=True)
 
-    def archive(self) -> Optional[Path]:
+    def archive(self) -> Path | None:
         """Move the folder aside (a finished run's checkpoints, before a fresh start)."""
         if not self.folder.is_dir() or not any(self.folder.iterdir()):
             return None
@@ -149,15 +158,16 @@ def check_readable(path: Path) -> dict[str, Any]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise UserError(f"--resume {path} is not a readable checkpoint ({type(err).__name__}); "
-                        "give a .ckpt written by train.py") from None
+        raise UserError(
+            f"--resume {path} is not a readable checkpoint ({type(err).__name__}); give a .ckpt written by train.py"
+        ) from None
     if not isinstance(content, dict) or "state_dict" not in content:
         raise UserError(f"--resume {path} is not a Lightning checkpoint (no state_dict)")
     run = recorded_run(content)
     return {"global_step": content.get("global_step", 0), **({"run": run} if run else {})}
 
 
-def read_manifest(checkpoint: Path) -> Optional[dict[str, Any]]:
+def read_manifest(checkpoint: Path) -> dict[str, Any] | None:
     """The manifest beside ``checkpoint``, unverified; None when there is none or it is unreadable."""
     try:
         manifest = json.loads(checkpoint.with_suffix(".json").read_text())
@@ -166,7 +176,7 @@ def read_manifest(checkpoint: Path) -> Optional[dict[str, Any]]:
     return manifest if isinstance(manifest, dict) else None
 
 
-def recorded_run(content: dict) -> Optional[dict[str, str]]:
+def recorded_run(content: dict) -> dict[str, str] | None:
     """The run a loaded checkpoint says wrote it (kept in its checkpoint callback's state), if any."""
     for state in (content.get("callbacks") or {}).values():
         info = state.get("manifest_info") if isinstance(state, dict) else None
@@ -175,15 +185,18 @@ def recorded_run(content: dict) -> Optional[dict[str, str]]:
     return None
 
 
-def check_same_run(path: Path, saved: Optional[dict[str, str]], run: Optional[dict[str, str]],
-                   fix: str = RESUME_PATH_FIX) -> None:
+def check_same_run(
+    path: Path, saved: dict[str, str] | None, run: dict[str, str] | None, fix: str = RESUME_PATH_FIX
+) -> None:
     """One-line error when the checkpoint at ``path`` was saved by another model, dataset or strategy
     than ``run``. Nothing is known (and nothing said) of checkpoints that predate the record."""
     if not saved or not run or all(saved.get(key) == run[key] for key in run):
         return
-    raise UserError(f"checkpoint {path} was saved by model {saved.get('model', '?')} on {saved.get('data', '?')} "
-                    f"with strategy {saved.get('strategy', '?')}; this run is {run['model']} on {run['data']} with "
-                    f"strategy {run['strategy']}; {fix}")
+    raise UserError(
+        f"checkpoint {path} was saved by model {saved.get('model', '?')} on {saved.get('data', '?')} "
+        f"with strategy {saved.get('strategy', '?')}; this run is {run['model']} on {run['data']} with "
+        f"strategy {run['strategy']}; {fix}"
+    )
 
 
 class VerifiedCheckpointIO(TorchCheckpointIO):
@@ -196,7 +209,7 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
         self.keep_last = keep_last
         self.before_commit = None  # a fault injector's hook: runs between writing and committing
 
-    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         path = Path(path)
         store, name = CheckpointStore(path.parent), path.name.removesuffix(".ckpt")
         super().save_checkpoint(checkpoint, store.temporary_path(name))
@@ -209,7 +222,7 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
         store.commit(name, info)
         store.prune(self.keep_last)
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         return super().load_checkpoint(path, map_location=map_location, weights_only=False)
 
     def remove_checkpoint(self, path) -> None:
@@ -239,7 +252,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
     and at teardown) with ``snapshot`` as the copy taken in the training thread, the only part of a
     save that stalls training."""
 
-    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         self._ensure_setup()
         copy = snapshot(checkpoint)
 

@@ -3,6 +3,7 @@
 Written by the first process only, after every step (a tiny file): the attempt number, the step
 training (re)started from, the latest step and when each happened.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,13 @@ class ProgressMarker(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # every process keeps it: after the first process is lost (ULFM) the new first one writes it
-        self.state = {"attempt": int(os.environ.get("XD_ATTEMPT", "0")), "started_step": trainer.global_step,
-                      "training_started_at": time.time(), "global_step": trainer.global_step,
-                      "updated_at": time.time()}
+        self.state = {
+            "attempt": int(os.environ.get("XD_ATTEMPT", "0")),
+            "started_step": trainer.global_step,
+            "training_started_at": time.time(),
+            "global_step": trainer.global_step,
+            "updated_at": time.time(),
+        }
         if trainer.is_global_zero:
             self._write()
 

@@ -1,9 +1,9 @@
 """Split a batch into micro-batches for pipeline schedules, whatever the batch is made of."""
+
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_xd.errors import UserError
@@ -33,13 +33,16 @@ def split_batch(batch: Any, parts: int) -> list:
     if hasattr(batch, "to_data_list") and hasattr(batch, "num_graphs"):  # torch_geometric Batch
         from torch_geometric.data import Batch
 
-        return [Batch.from_data_list(batch.index_select(list(range(a, b))))
-                for a, b in _bounds(batch.num_graphs, parts)]
+        return [
+            Batch.from_data_list(batch.index_select(list(range(a, b)))) for a, b in _bounds(batch.num_graphs, parts)
+        ]
     try:
         bounds = _bounds(_length(batch), parts)
     except TypeError:
-        raise UserError(f"cannot split a batch of type {type(batch).__name__} into micro-batches; give the model "
-                        "a split_microbatches(batch, parts) method") from None
+        raise UserError(
+            f"cannot split a batch of type {type(batch).__name__} into micro-batches; give the model "
+            "a split_microbatches(batch, parts) method"
+        ) from None
     return [_slice(batch, a, b) for a, b in bounds]
 
 

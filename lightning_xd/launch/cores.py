@@ -8,10 +8,10 @@ a rank bound to 4 cores runs 4 threads, two unbound ranks on 8 cores run 4 each.
 cpu_count / ranks threads on a rank bound to one core would make them take turns on that core.
 A user's ``OMP_NUM_THREADS`` wins.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 
 def allowed_cores() -> frozenset[int]:
@@ -27,7 +27,7 @@ def threads_for(mine: frozenset[int], neighbours: list[frozenset[int]]) -> int:
     return max(1, len(mine) // sharing)
 
 
-def share_cores(local_comm: Optional["object"] = None) -> int:
+def share_cores(local_comm: object | None = None) -> int:
     """Set torch's threads for this process (``local_comm``: the processes on this host); returns them."""
     import torch
 

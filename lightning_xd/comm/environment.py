@@ -4,6 +4,7 @@ Passed to the Trainer explicitly: Lightning's own MPI detection imports mpi4py a
 Trainer outside an MPI job (Lightning issue 20049), and it would not follow a communicator that
 the fault-tolerant strategies shrink after a failure.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import socket
 
 from lightning.fabric.plugins.environments import ClusterEnvironment
 
-from lightning_xd.comm import Communicator
+from lightning_xd.comm.communicator import Communicator
 
 
 def _free_port() -> int:
@@ -54,7 +55,7 @@ class MPIEnvironment(ClusterEnvironment):
 
     @staticmethod
     def detect() -> bool:
-        from lightning_xd.launcher import in_mpi_job
+        from lightning_xd.launch.launcher import in_mpi_job
 
         return in_mpi_job()
 

@@ -14,6 +14,7 @@ only: a long computation is not a hang), for the supervisor to restart it; and a
 MPI_Finalize can wait forever for the lost process (Open MPI issue 11404, seen here once in ~20
 runs), so a process that survived one ends without it (``leave_after_failure``).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -21,10 +22,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
-from lightning_xd.comm import Communicator, mpi, watched
+from lightning_xd.comm.communicator import Communicator, mpi, watched
 
 HANG_EXIT_CODE = 75
 
@@ -82,9 +83,12 @@ class Watchdog:
                 continue
             since, what = min(waits)
             if time.monotonic() - since > self.timeout:
-                print(f"error: {what} has waited over {self.timeout:.0f} s: a process is gone without being "
-                      "reported or has hung; ending the job so that it can be restarted from its checkpoint",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"error: {what} has waited over {self.timeout:.0f} s: a process is gone without being "
+                    "reported or has hung; ending the job so that it can be restarted from its checkpoint",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 end_the_job(HANG_EXIT_CODE)
 
 

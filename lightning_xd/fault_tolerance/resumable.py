@@ -10,11 +10,13 @@ permutation over the processes there are now, so no sample of the epoch is dropp
 ``ResumableLoader`` wraps a training DataLoader. Lightning fetches batches of a sized loader one
 at a time, just before training on them, so a re-sharding takes effect from the next batch on.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
@@ -23,8 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 class EpochShardSampler(Sampler[int]):
     """This process's share of what is left of one epoch's permutation, from ``start`` on."""
 
-    def __init__(self, size: int, replicas: int, rank: int, epoch: int, start: int = 0, shuffle: bool = True,
-                 seed: int = 0):
+    def __init__(
+        self, size: int, replicas: int, rank: int, epoch: int, start: int = 0, shuffle: bool = True, seed: int = 0
+    ):
         self.size, self.replicas, self.rank = size, replicas, rank
         self.epoch, self.start, self.shuffle, self.seed = epoch, start, shuffle, seed
 
@@ -40,12 +43,12 @@ class EpochShardSampler(Sampler[int]):
         return (order * math.ceil(total / max(1, len(order))))[:total] if order else []
 
     def remaining(self) -> list[int]:
-        rest = self.order()[self.start:]
+        rest = self.order()[self.start :]
         padded = math.ceil(len(rest) / self.replicas) * self.replicas
         return (rest * math.ceil(padded / max(1, len(rest))))[:padded] if rest else []
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.remaining()[self.rank::self.replicas])
+        return iter(self.remaining()[self.rank :: self.replicas])
 
     def __len__(self) -> int:
         return math.ceil(max(0, len(self.order()) - self.start) / self.replicas)
@@ -61,8 +64,14 @@ class ResumableLoader:
     loader's, so Lightning treats this as the loader itself.
     """
 
-    def __init__(self, loader: DataLoader, shards: Callable[[], tuple[int, int]], progress: Callable[[], int],
-                 rebuild: Callable, on_length: Callable[[int, bool], None] = lambda batches, mid_epoch: None):
+    def __init__(
+        self,
+        loader: DataLoader,
+        shards: Callable[[], tuple[int, int]],
+        progress: Callable[[], int],
+        rebuild: Callable,
+        on_length: Callable[[int, bool], None] = lambda batches, mid_epoch: None,
+    ):
         self.loader, self.shards, self.progress, self._rebuild = loader, shards, progress, rebuild
         self.on_length = on_length  # tells Lightning how many batches the current epoch has
         sampler = loader.sampler
@@ -71,13 +80,13 @@ class ResumableLoader:
         self.epoch = 0
         self.start = 0  # position in the epoch's order where the current sharding began
         self.steps_at_start = 0  # Lightning's completed steps in this epoch at that moment
-        self.pending: Optional[dict] = None  # a restored position, used by the next iteration
+        self.pending: dict | None = None  # a restored position, used by the next iteration
         self.replicas, self.rank = 1, 0
-        self._epoch_batches: Optional[int] = None
-        self._iterator: Optional[Iterator] = None
-        # The optimizer step's window (see lightning_xd.recovery): (steps, position) where it began, and
+        self._epoch_batches: int | None = None
+        self._iterator: Iterator | None = None
+        # The optimizer step's window (see lightning_xd.fault_tolerance.recovery): (steps, position) where it began, and
         # whether a failure inside it means it must be trained again from there.
-        self.window: Optional[tuple[int, int]] = None
+        self.window: tuple[int, int] | None = None
         self.window_stale = False
         self.padding = 0  # samples the newest re-shard repeats so that every process gets as many
 
@@ -86,7 +95,7 @@ class ResumableLoader:
         return getattr(self.__dict__["loader"], name)
 
     @property
-    def sampler(self) -> "ResumableLoader":
+    def sampler(self) -> ResumableLoader:
         return self  # Lightning calls sampler.set_epoch(epoch) before every epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -104,7 +113,7 @@ class ResumableLoader:
         self._epoch_batches = batches
         self.on_length(batches, mid_epoch)
 
-    def _resume_state(self) -> Optional[dict]:
+    def _resume_state(self) -> dict | None:
         return self.pending if self.pending and self.pending["epoch"] == self.epoch else None
 
     def __len__(self) -> int:
@@ -128,8 +137,7 @@ class ResumableLoader:
                 return
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "steps": self.progress(),
-                "replicas": self.replicas}
+        return {"epoch": self.epoch, "position": self.position, "steps": self.progress(), "replicas": self.replicas}
 
     def load_state_dict(self, state: dict) -> None:
         self.pending = dict(state)
@@ -209,8 +217,12 @@ class ResumableLoader:
         return next(self._iterator)
 
 
-def make_resumable(loader: Any, shards: Callable[[], tuple[int, int]], progress: Callable[[], int],
-                   on_length: Callable[[int, bool], None]) -> Any:
+def make_resumable(
+    loader: Any,
+    shards: Callable[[], tuple[int, int]],
+    progress: Callable[[], int],
+    on_length: Callable[[int, bool], None],
+) -> Any:
     """Wrap a map-style training DataLoader (shuffled or sequential); leave anything else alone."""
     if not isinstance(loader, DataLoader) or isinstance(loader, ResumableLoader):
         return loader
@@ -220,13 +232,14 @@ def make_resumable(loader: Any, shards: Callable[[], tuple[int, int]], progress:
         return loader
     from lightning.pytorch.utilities.data import _update_dataloader
 
-    return ResumableLoader(loader, shards, progress, lambda original, sampler: _update_dataloader(original, sampler),
-                           on_length)
+    return ResumableLoader(
+        loader, shards, progress, lambda original, sampler: _update_dataloader(original, sampler), on_length
+    )
 
 
-def training_loader(trainer) -> Optional[ResumableLoader]:
+def training_loader(trainer) -> ResumableLoader | None:
     loader = getattr(trainer.fit_loop, "_combined_loader", None)
-    for dl in (loader.flattened if loader is not None else []):
+    for dl in loader.flattened if loader is not None else []:
         if isinstance(dl, ResumableLoader):
             return dl
     return None
@@ -259,9 +272,12 @@ class ResumableTrainingData:
         trainer = self.lightning_module.trainer
         if not trainer.training:
             return dataloader
-        return make_resumable(dataloader, self.data_shards,
-                              lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-                              lambda batches, mid_epoch: set_epoch_length(trainer, batches, mid_epoch))
+        return make_resumable(
+            dataloader,
+            self.data_shards,
+            lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            lambda batches, mid_epoch: set_epoch_length(trainer, batches, mid_epoch),
+        )
 
     def data_shards(self) -> tuple[int, int]:
         """(processes that share the training data, this one's index among them)."""

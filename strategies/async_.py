@@ -12,7 +12,7 @@ On a worker Lightning drives the step as with any strategy, through the precisio
 real optimizer behind a stand-in whose only difference is its ``step()`` (``_PushPull``): the hooks
 and gradient clipping run and the GradScaler unscales before the push, so the server receives the
 gradient a single process would have applied. A step the precision plugin skips (inf/nan gradients
-under ``16-mixed``, no loss) is pushed as "no gradient" (see ``lightning_xd.parameter_server``).
+under ``16-mixed``, no loss) is pushed as "no gradient" (see ``lightning_xd.parallel.parameter_server``).
 
 The global step is the number of server steps (pushes); ``--max-steps`` and ``--max-epochs`` count
 those (an epoch = one pass of every worker over its shard), and so does
@@ -35,11 +35,13 @@ last has finished (``--max-steps`` still counts server steps). A parameter no st
 gradient on the server too, and BatchNorm's batch counter counts every worker's batches. World size 1
 is plain local training.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
@@ -48,11 +50,11 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_xd.callbacks.fault_tolerant_checkpoint import FaultTolerantCheckpoint
 from lightning_xd.errors import UserError
-from lightning_xd.parameter_server import SERVER, Gradient, ParameterServer, ParameterSet, WorkerClient
-from lightning_xd.registry import STRATEGIES
-from strategies.mpi_allreduce import MPIAllReduceStrategy
+from lightning_xd.fault_tolerance.fault_tolerant_checkpoint import FaultTolerantCheckpoint
+from lightning_xd.launch.registry import STRATEGIES
+from lightning_xd.parallel.parameter_server import SERVER, Gradient, ParameterServer, ParameterSet, WorkerClient
+from lightning_xd.strategies.mpi import MPIAllReduceStrategy
 
 
 class _PushPull:
@@ -69,7 +71,7 @@ class _PushPull:
     # its own step (fused Adam): the server must receive true gradients.
     _step_supports_amp_scaling = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer, index: int, exchange: Callable[["_PushPull"], None]):
+    def __init__(self, optimizer: torch.optim.Optimizer, index: int, exchange: Callable[[_PushPull], None]):
         self.optimizer, self.index, self._exchange = optimizer, index, exchange
         self.stepped, self.loss = False, None
 
@@ -86,7 +88,7 @@ class _PushPull:
 
         return precision_plugin.optimizer_step(self, model=model, closure=compute, **kwargs)
 
-    def step(self, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         output = closure() if closure is not None else None  # compute (without a scaler: here)
         self.stepped = True
         self._exchange(self)  # push, pull: the pulled parameters are the step
@@ -97,8 +99,12 @@ class _PushPull:
         return any(p.grad is not None for group in self.optimizer.param_groups for p in group["params"])
 
 
-def needs_metrics_during_training(callbacks: Iterable[Any], lr_scheduler_configs: Iterable[Any] = (),
-                                  val_check_interval: Any = 1.0, time_interval: Any = None) -> list[str]:
+def needs_metrics_during_training(
+    callbacks: Iterable[Any],
+    lr_scheduler_configs: Iterable[Any] = (),
+    val_check_interval: Any = 1.0,
+    time_interval: Any = None,
+) -> list[str]:
     """What asks for validation or for logged metrics while training runs, named as the user wrote it."""
     found = []
     for callback in callbacks:
@@ -119,8 +125,10 @@ def show_run_progress(trainer, steps: int, epochs: int, epoch_ending: bool = Fal
     show the run's progress: server steps, and epochs of the run. ``epoch_ending``: the counters as
     Lightning has them during ``on_train_epoch_end``, the last epoch processed but not yet completed."""
     loop = trainer.fit_loop
-    for progress in (loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step,
-                     loop.epoch_loop.manual_optimization.optim_step_progress):
+    for progress in (
+        loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step,
+        loop.epoch_loop.manual_optimization.optim_step_progress,
+    ):
         for tracker in (progress.total, progress.current):
             tracker.ready = tracker.completed = steps
     for tracker in (loop.epoch_progress.total, loop.epoch_progress.current):
@@ -130,9 +138,11 @@ def show_run_progress(trainer, steps: int, epochs: int, epoch_ending: bool = Fal
 
 def refuse(found: list[str]) -> None:
     if found:
-        raise UserError(f"{found[0]} needs validation or logged metrics during training, but the async strategy "
-                        "validates only after training (workers log locally, the server sees no metric); remove "
-                        "it or use --strategy mpi")
+        raise UserError(
+            f"{found[0]} needs validation or logged metrics during training, but the async strategy "
+            "validates only after training (workers log locally, the server sees no metric); remove "
+            "it or use --strategy mpi"
+        )
 
 
 @STRATEGIES.register("async")
@@ -146,8 +156,8 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         super().__init__(**kwargs)
         self.check_settings(self.comm.size, staleness)
         self.max_staleness, self.delay_compensation = staleness, delay_compensation
-        self.server: Optional[ParameterServer] = None
-        self.client: Optional[WorkerClient] = None
+        self.server: ParameterServer | None = None
+        self.client: WorkerClient | None = None
         self.version = 0  # gradients applied by the server; restored from a checkpoint to resume
         self.steps = 0  # server steps (applied or skipped): the run's global step
         self._training = False  # between on_train_start and on_train_end: no collectives
@@ -157,7 +167,7 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         self._summary: dict[str, Any] = {}
 
     @staticmethod
-    def check_settings(nprocs: int, staleness: int = 4, model: Optional[Any] = None) -> None:
+    def check_settings(nprocs: int, staleness: int = 4, model: Any | None = None) -> None:
         """Checked before any process starts (with the model), and again by every rank."""
         if staleness < 0:
             raise UserError(f"--staleness must be >= 0, got {staleness}")
@@ -189,8 +199,10 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
     # ---- set-up -------------------------------------------------------------------------
     def setup(self, trainer) -> None:
         if self._layer_sync is not None and self.is_parallel and trainer.state.fn == TrainerFn.FITTING:
-            raise UserError("Trainer(sync_batchnorm=True) needs every rank in the same forward pass, but async "
-                            "workers run at their own pace: leave sync_batchnorm off or use the mpi strategy")
+            raise UserError(
+                "Trainer(sync_batchnorm=True) needs every rank in the same forward pass, but async "
+                "workers run at their own pace: leave sync_batchnorm off or use the mpi strategy"
+            )
         super().setup(trainer)  # broadcast rank 0's parameters; optimizers everywhere
         if trainer.state.fn != TrainerFn.FITTING or not self.is_parallel:
             return
@@ -201,13 +213,20 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
 
     def _check_fit(self, trainer) -> None:
         validates = trainer.limit_val_batches != 0 and is_overridden("validation_step", self.lightning_module)
-        refuse(needs_metrics_during_training(
-            trainer.callbacks, self.lr_scheduler_configs, trainer.val_check_interval if validates else 1.0,
-            getattr(trainer, "_val_check_time_interval", None) if validates else None))
+        refuse(
+            needs_metrics_during_training(
+                trainer.callbacks,
+                self.lr_scheduler_configs,
+                trainer.val_check_interval if validates else 1.0,
+                getattr(trainer, "_val_check_time_interval", None) if validates else None,
+            )
+        )
         finetuning = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
         if finetuning:
-            raise UserError(f"{finetuning[0]} changes the optimizer's parameter groups at each worker's own epoch, "
-                            "which the async server's optimizer cannot follow; remove it or use --strategy mpi")
+            raise UserError(
+                f"{finetuning[0]} changes the optimizer's parameter groups at each worker's own epoch, "
+                "which the async server's optimizer cannot follow; remove it or use --strategy mpi"
+            )
         if not (trainer.max_steps and trainer.max_steps > 0) and not (trainer.max_epochs and trainer.max_epochs > 0):
             raise UserError("the async strategy needs --max-steps or --max-epochs (its server counts them)")
 
@@ -257,8 +276,9 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
             return
         trainer = self.lightning_module.trainer
         if not math.isfinite(trainer.num_training_batches) and not (trainer.max_steps and trainer.max_steps > 0):
-            raise UserError("the training data has no length, so the async strategy cannot count epochs; "
-                            "give --max-steps")
+            raise UserError(
+                "the training data has no length, so the async strategy cannot count epochs; give --max-steps"
+            )
         self._training = True
         params = ParameterSet(self.lightning_module, self.optimizers)
         if self.is_server:
@@ -269,8 +289,11 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         self._push_pulls = [_PushPull(opt, i, self._exchange) for i, opt in enumerate(self.optimizers)]
         self.client = WorkerClient(self.comm, params)
         steps_per_epoch = trainer.num_training_batches
-        steps_per_epoch = math.ceil(steps_per_epoch / trainer.accumulate_grad_batches) if math.isfinite(
-            steps_per_epoch) and not self._workers_count_epochs else 0
+        steps_per_epoch = (
+            math.ceil(steps_per_epoch / trainer.accumulate_grad_batches)
+            if math.isfinite(steps_per_epoch) and not self._workers_count_epochs
+            else 0
+        )
         if not self.client.hello(steps_per_epoch):
             trainer.should_stop = True
 
@@ -286,8 +309,12 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         once a fast worker has taken more than its share). Restored when training ends. Where the workers
         count epochs (manual optimization), each keeps its epoch limits."""
         fit_loop = trainer.fit_loop
-        self._set_aside = {"max_epochs": fit_loop.max_epochs, "max_steps": fit_loop.epoch_loop.max_steps,
-                           "min_epochs": fit_loop.min_epochs, "min_steps": fit_loop.epoch_loop.min_steps}
+        self._set_aside = {
+            "max_epochs": fit_loop.max_epochs,
+            "max_steps": fit_loop.epoch_loop.max_steps,
+            "min_epochs": fit_loop.min_epochs,
+            "min_steps": fit_loop.epoch_loop.min_steps,
+        }
         fit_loop.epoch_loop.max_steps, fit_loop.epoch_loop.min_steps = -1, 0  # the server's stop is obeyed at once
         if not self._workers_count_epochs:
             fit_loop.max_epochs, fit_loop.min_epochs = -1, 0
@@ -307,9 +334,16 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
                 limits.append(max_epochs * steps_per_epoch)
             return max(self.steps, min(limits, default=math.inf))  # inf: until the workers finish their epochs
 
-        self.server = ParameterServer(self.comm, params, self.optimizers, self.max_staleness,
-                                      self.delay_compensation, version=self.version, steps=self.steps,
-                                      after_step=self._after_step)
+        self.server = ParameterServer(
+            self.comm,
+            params,
+            self.optimizers,
+            self.max_staleness,
+            self.delay_compensation,
+            version=self.version,
+            steps=self.steps,
+            after_step=self._after_step,
+        )
         self.server.serve(limit)
         self.version, self.steps = self.server.version, self.server.steps
 
@@ -325,7 +359,7 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         self._log_training(trainer, server)
         self._save_checkpoints(trainer, server.steps, epochs, epoch_end)
 
-    def _step_lr_schedulers(self, trainer, steps: int, epochs_ended: Optional[int]) -> None:
+    def _step_lr_schedulers(self, trainer, steps: int, epochs_ended: int | None) -> None:
         """Per server step, or per epoch of the run, through the module's ``lr_scheduler_step`` hook."""
         for config in self.lr_scheduler_configs:
             due = steps if config.interval == "step" else epochs_ended
@@ -333,14 +367,19 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
                 call._call_lightning_module_hook(trainer, "lr_scheduler_step", config.scheduler, None)
 
     def _log_training(self, trainer, server: ParameterServer) -> None:
-        recent = server.stats.staleness[-trainer.log_every_n_steps:]
+        recent = server.stats.staleness[-trainer.log_every_n_steps :]
         if trainer.logger is None or server.steps % trainer.log_every_n_steps or not recent:
             return  # (a window of skipped steps only has nothing to log)
-        losses = server.stats.losses[-trainer.log_every_n_steps:]
-        trainer.logger.log_metrics({"train/loss": sum(losses) / len(losses),
-                                    "async/staleness_mean": sum(recent) / len(recent),
-                                    "async/staleness_max": max(recent),
-                                    "async/updates_per_s": server.stats.updates_per_s}, step=server.steps)
+        losses = server.stats.losses[-trainer.log_every_n_steps :]
+        trainer.logger.log_metrics(
+            {
+                "train/loss": sum(losses) / len(losses),
+                "async/staleness_mean": sum(recent) / len(recent),
+                "async/staleness_max": max(recent),
+                "async/updates_per_s": server.stats.updates_per_s,
+            },
+            step=server.steps,
+        )
 
     def _save_checkpoints(self, trainer, steps: int, epochs: int, epoch_end: bool) -> None:
         """Lightning's ModelCheckpoint through its own hooks, seeing the run's step and epoch, then at an
@@ -408,9 +447,14 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         show_run_progress(trainer, self.steps, int(counts[2]))
         if self.is_server:
             self._summary = {f"async/{k}": v for k, v in self.server.stats.summary().items()}
-            self._summary.update({"async/max_staleness_bound": self.max_staleness, "global_step": self.steps,
-                                  "updates_per_s": self.server.stats.updates_per_s,
-                                  "epochs": self.steps / max(1, self.server.steps_per_epoch)})
+            self._summary.update(
+                {
+                    "async/max_staleness_bound": self.max_staleness,
+                    "global_step": self.steps,
+                    "updates_per_s": self.server.stats.updates_per_s,
+                    "epochs": self.steps / max(1, self.server.steps_per_epoch),
+                }
+            )
             self._log_histogram(trainer)
             self.save_server_checkpoint(trainer, "end")
         else:
@@ -433,8 +477,15 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         last checkpoint paths), as with the parameters."""
         model_checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
         states = self.comm.broadcast_object(
-            ([o.state_dict() for o in self.optimizers], [c.scheduler.state_dict() for c in self.lr_scheduler_configs],
-             [c.state_dict() for c in model_checkpoints]) if self.is_server else None, root=SERVER)
+            (
+                [o.state_dict() for o in self.optimizers],
+                [c.scheduler.state_dict() for c in self.lr_scheduler_configs],
+                [c.state_dict() for c in model_checkpoints],
+            )
+            if self.is_server
+            else None,
+            root=SERVER,
+        )
         if self.is_server:
             return
         for optimizer, saved in zip(self.optimizers, states[0]):
@@ -447,8 +498,11 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
     def _log_histogram(self, trainer) -> None:
         if isinstance(trainer.logger, TensorBoardLogger) and self.server.stats.staleness:
             trainer.logger.experiment.add_histogram(
-                "async/staleness", torch.tensor(self.server.stats.staleness), global_step=self.steps,
-                bins=torch.arange(-0.5, self.max_staleness + 1.0).numpy())
+                "async/staleness",
+                torch.tensor(self.server.stats.staleness),
+                global_step=self.steps,
+                bins=torch.arange(-0.5, self.max_staleness + 1.0).numpy(),
+            )
 
     def summary_metrics(self) -> dict[str, Any]:
         """Figures for metrics.json (on rank 0, the server)."""
@@ -465,15 +519,14 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         checkpoints._kind = kind
         trainer.save_checkpoint(checkpoints.store.folder / f"step-{self.steps:09d}.ckpt")
 
-    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
-        checkpoint["async_server"] = {"version": self.version, "steps": self.steps,
-                                      "max_staleness": self.max_staleness}
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
+        checkpoint["async_server"] = {"version": self.version, "steps": self.steps, "max_staleness": self.max_staleness}
         checkpoint["global_step"] = self.steps
         if self.server is not None:
             checkpoint["epoch"] = self.steps // max(1, self.server.steps_per_epoch)
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict:
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
         saved = checkpoint.get("async_server", {})
         self.version = int(saved.get("version", 0))
@@ -481,12 +534,12 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
         return checkpoint
 
     # ---- Lightning's collectives: local while workers run at their own pace ----------------
-    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
         if self._training:
             return tensor if isinstance(tensor, torch.Tensor) else torch.tensor(tensor)
         return super().reduce(tensor, group, reduce_op)
 
-    def all_gather(self, tensor: torch.Tensor, group: Optional[Any] = None, sync_grads: bool = False):
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False):
         if self._training:
             return tensor.unsqueeze(0)
         return super().all_gather(tensor, group, sync_grads)
@@ -497,7 +550,7 @@ class AsyncStaleGradientStrategy(MPIAllReduceStrategy):
     def all_gather_object(self, obj: Any) -> list:
         return [obj] if self._training else super().all_gather_object(obj)
 
-    def barrier(self, name: Optional[str] = None) -> None:
+    def barrier(self, name: str | None = None) -> None:
         if not self._training:
             super().barrier(name)
 

@@ -12,6 +12,7 @@ launch agent Open MPI will start its daemons with (``launch_agent``); one that d
 error naming it, since the job could never start there. While the job runs they are asked again
 every few seconds, and one that stops answering ends the job for a restart without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
 
-from lightning_xd.callbacks.progress_marker import read_progress
 from lightning_xd.errors import UserError
-from lightning_xd.launcher import mpirun_command, mpirun_environment
+from lightning_xd.fault_tolerance.progress_marker import read_progress
+from lightning_xd.launch.launcher import mpirun_command, mpirun_environment
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0])
 HOST_CHECK_SECONDS = 2.0  # how often a running job's remote hosts are asked whether they still answer
@@ -44,10 +45,10 @@ def _end(proc: subprocess.Popen, grace: float = 10.0) -> int:
         return proc.wait()
 
 
-def with_flag(argv: Sequence[str], flag: str, value: Optional[str]) -> list[str]:
+def with_flag(argv: Sequence[str], flag: str, value: str | None) -> list[str]:
     """``argv`` with ``flag`` set to ``value`` (replaced if present, removed if value is None)."""
     out, skip = [], False
-    for i, token in enumerate(argv):
+    for _i, token in enumerate(argv):
         if skip:
             skip = False
             continue
@@ -65,8 +66,10 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     try:
         text = Path(path).read_text()
     except OSError as err:
-        raise UserError(f"hostfile {path} {'not found' if isinstance(err, FileNotFoundError) else 'unreadable'}; "
-                        "give a file with one 'host slots=N' line per machine") from None
+        raise UserError(
+            f"hostfile {path} {'not found' if isinstance(err, FileNotFoundError) else 'unreadable'}; "
+            "give a file with one 'host slots=N' line per machine"
+        ) from None
     hosts = []
     for line in text.splitlines():
         fields = line.split("#", 1)[0].split()
@@ -81,13 +84,12 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     return hosts
 
 
-def launch_agent(given: Optional[str] = None) -> str:
+def launch_agent(given: str | None = None) -> str:
     """The command Open MPI starts remote daemons with: ``--launch-agent``, else PRRTE's
     ``PRTE_MCA_plm_ssh_agent``, else the older ``OMPI_MCA_plm_rsh_agent`` (which Open MPI 5 itself
     ignores; the supervisor hands it on as PRRTE's, see ``Supervisor._environment``), else ssh. A list
     of alternatives (``ssh : rsh``) means, as for PRRTE, the first whose program is installed."""
-    agent = (given or os.environ.get("PRTE_MCA_plm_ssh_agent") or os.environ.get("OMPI_MCA_plm_rsh_agent")
-             or "ssh")
+    agent = given or os.environ.get("PRTE_MCA_plm_ssh_agent") or os.environ.get("OMPI_MCA_plm_rsh_agent") or "ssh"
     choices = [choice.strip() for choice in agent.split(":") if choice.strip()] or ["ssh"]
     return next((c for c in choices if shutil.which(shlex.split(c)[0])), choices[0])
 
@@ -99,7 +101,7 @@ def _answers(agent: str, host: str) -> bool:
         return False
 
 
-def answering_hosts(hosts: list[tuple[str, int]], agent: Optional[str]) -> list[tuple[str, int]]:
+def answering_hosts(hosts: list[tuple[str, int]], agent: str | None) -> list[tuple[str, int]]:
     """The hosts on which the launch agent can still run a command (asked all at once)."""
     agent = agent or launch_agent()
     remote = [host for host, _ in hosts if host not in LOCAL_HOSTS]
@@ -109,8 +111,18 @@ def answering_hosts(hosts: list[tuple[str, int]], agent: Optional[str]) -> list[
 
 
 class Supervisor:
-    def __init__(self, script: str, argv: Sequence[str], run_dir: str | Path, nprocs: int, hostfile: Optional[str],
-                 agent: Optional[str], max_restarts: int, min_nprocs: Optional[int], ulfm: bool):
+    def __init__(
+        self,
+        script: str,
+        argv: Sequence[str],
+        run_dir: str | Path,
+        nprocs: int,
+        hostfile: str | None,
+        agent: str | None,
+        max_restarts: int,
+        min_nprocs: int | None,
+        ulfm: bool,
+    ):
         """``agent``: ``--launch-agent``; None for the one of the environment (see ``launch_agent``)."""
         self.script, self.argv, self.run_dir = script, list(argv), Path(run_dir)
         self.nprocs, self.hostfile, self.launch_agent = nprocs, hostfile, launch_agent(agent)
@@ -139,9 +151,11 @@ class Supervisor:
         answering = {host for host, _ in answering_hosts(hosts, self.launch_agent)}
         silent = [host for host, _ in hosts if host not in answering]
         if silent:
-            raise UserError(f"host {', '.join(silent)} does not answer through {self.launch_agent}; check that "
-                            f"`{self.launch_agent} {silent[0]} true` works (host name, keys, --launch-agent) or "
-                            f"remove it from {self.hostfile}")
+            raise UserError(
+                f"host {', '.join(silent)} does not answer through {self.launch_agent}; check that "
+                f"`{self.launch_agent} {silent[0]} true` works (host name, keys, --launch-agent) or "
+                f"remove it from {self.hostfile}"
+            )
 
     def run(self) -> int:
         self.check_hosts()
@@ -154,20 +168,34 @@ class Supervisor:
             except KeyboardInterrupt:
                 return _end(proc)
             progress = read_progress(self.run_dir)
-            self.attempts.append({"attempt": attempt, "exit_code": code, "started": started, "ended": time.time(),
-                                  "nprocs": self.nprocs, **progress})
+            self.attempts.append(
+                {
+                    "attempt": attempt,
+                    "exit_code": code,
+                    "started": started,
+                    "ended": time.time(),
+                    "nprocs": self.nprocs,
+                    **progress,
+                }
+            )
             if self._completed_since(started):
                 self._report()
                 return 0
             if attempt == self.max_restarts:
                 break
             self._shrink_to_answering_hosts()
-            print(f"supervisor: attempt {attempt} ended without finishing (exit code {code}, last step "
-                  f"{progress.get('global_step', '?')}); restarting on {self.nprocs} process(es) from the last "
-                  "checkpoint", file=sys.stderr, flush=True)
+            print(
+                f"supervisor: attempt {attempt} ended without finishing (exit code {code}, last step "
+                f"{progress.get('global_step', '?')}); restarting on {self.nprocs} process(es) from the last "
+                "checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.max_restarts or self.attempts[-1]["exit_code"] == 0:
-            print(f"error: the job did not finish after {len(self.attempts)} attempt(s); see the output above",
-                  file=sys.stderr)
+            print(
+                f"error: the job did not finish after {len(self.attempts)} attempt(s); see the output above",
+                file=sys.stderr,
+            )
         return self.attempts[-1]["exit_code"] or 1
 
     def _wait(self, proc: subprocess.Popen) -> int:
@@ -184,8 +212,11 @@ class Supervisor:
             answering = {host for host, _ in answering_hosts(remote, self.launch_agent)}
             lost = [host for host, _ in remote if host not in answering]
             if lost and proc.poll() is None:
-                print(f"supervisor: host(s) {', '.join(lost)} stopped answering; ending the job to restart "
-                      "without them", file=sys.stderr, flush=True)
+                print(
+                    f"supervisor: host(s) {', '.join(lost)} stopped answering; ending the job to restart without them",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return _end(proc)
         return proc.wait()
 
@@ -199,8 +230,10 @@ class Supervisor:
         hosts = answering_hosts(read_hostfile(self.hostfile), self.launch_agent)
         slots = sum(s for _, s in hosts)
         if slots < self.min_nprocs:
-            raise UserError(f"only {slots} process slot(s) on hosts that still answer, fewer than --min-nprocs "
-                            f"{self.min_nprocs}; cannot restart")
+            raise UserError(
+                f"only {slots} process slot(s) on hosts that still answer, fewer than --min-nprocs "
+                f"{self.min_nprocs}; cannot restart"
+            )
         self.nprocs = min(self.nprocs, slots)
         path = self.run_dir / f"hostfile.attempt-{len(self.attempts)}"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,9 +247,13 @@ class Supervisor:
             if "training_started_at" in next_ and "updated_at" in failed:
                 downtime.append(next_["training_started_at"] - failed["updated_at"])
                 redone.append(max(0, failed.get("global_step", 0) - next_.get("started_step", 0)))
-        summary = {"supervisor/restarts": len(self.attempts) - 1, "supervisor/downtime_s": downtime,
-                   "supervisor/downtime_s_total": sum(downtime), "supervisor/steps_redone": redone,
-                   "supervisor/attempts": self.attempts}
+        summary = {
+            "supervisor/restarts": len(self.attempts) - 1,
+            "supervisor/downtime_s": downtime,
+            "supervisor/downtime_s_total": sum(downtime),
+            "supervisor/steps_redone": redone,
+            "supervisor/attempts": self.attempts,
+        }
         metrics_path = self.run_dir / "metrics.json"
         try:
             metrics = json.loads(metrics_path.read_text())
@@ -227,5 +264,9 @@ class Supervisor:
         tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
         os.replace(tmp, metrics_path)
         if len(self.attempts) > 1:
-            print(f"supervisor: finished after {len(self.attempts) - 1} restart(s); downtime "
-                  f"{sum(downtime):.1f} s, steps redone {sum(redone)}", file=sys.stderr, flush=True)
+            print(
+                f"supervisor: finished after {len(self.attempts) - 1} restart(s); downtime "
+                f"{sum(downtime):.1f} s, steps redone {sum(redone)}",
+                file=sys.stderr,
+                flush=True,
+            )

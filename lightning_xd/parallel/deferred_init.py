@@ -22,13 +22,15 @@ building (``.item()``, or ``nn.init.trunc_normal_``'s rejection sampling: the me
 drawing random numbers into another tensor on the meta device (``nn.init.orthogonal_``), and
 materialising a parameter initialised from values computed on the meta device.
 """
+
 from __future__ import annotations
 
 import contextlib
 import itertools
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +51,7 @@ class _Op:
     func: Any
     args: tuple
     kwargs: dict
-    rng: Optional[tuple[torch.Generator, Tensor]] = None
+    rng: tuple[torch.Generator, Tensor] | None = None
 
 
 @dataclass(eq=False)
@@ -102,7 +104,7 @@ def _storage(t: Tensor):
         return None
 
 
-def default_generator(device: Optional[torch.device]) -> Optional[torch.Generator]:
+def default_generator(device: torch.device | None) -> torch.Generator | None:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cpu":
         return torch.default_generator
@@ -143,13 +145,15 @@ class DeferredInit:
             if "meta" not in str(err):
                 raise
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"building the model on the meta device failed ({first_line}): it reads a "
-                            f"parameter's values while being built; {_HOW_TO_BUILD_WHOLE}") from None
+            raise UserError(
+                f"building the model on the meta device failed ({first_line}): it reads a "
+                f"parameter's values while being built; {_HOW_TO_BUILD_WHOLE}"
+            ) from None
         finally:
             hook.remove()
 
     # ---- while building ------------------------------------------------------------------------------
-    def _record_of(self, t: Tensor) -> Optional[_Record]:
+    def _record_of(self, t: Tensor) -> _Record | None:
         storage = _storage(t)
         return self._records.get(id(storage)) if storage is not None else None
 
@@ -175,7 +179,7 @@ class DeferredInit:
             return {k: self._freeze(v) for k, v in value.items()}
         return value
 
-    def _rng(self, func, kwargs: dict, device: torch.device) -> Optional[tuple[torch.Generator, Tensor]]:
+    def _rng(self, func, kwargs: dict, device: torch.device) -> tuple[torch.Generator, Tensor] | None:
         generator = kwargs.get("generator") or default_generator(device)
         return (generator, generator.get_state()) if generator is not None else None
 
@@ -196,9 +200,11 @@ class DeferredInit:
         targets = [(t, self._record_of(t)) for t in written]
         if random and any(r is None and _on_meta(t) for t, r in targets):
             # on the meta device it would draw nothing, and every later tensor would get other values
-            raise UserError(f"cannot build the model on the meta device: {func} draws random numbers into a "
-                            f"tensor there that is not a parameter (an initialiser such as nn.init.orthogonal_); "
-                            f"{_HOW_TO_BUILD_WHOLE}")
+            raise UserError(
+                f"cannot build the model on the meta device: {func} draws random numbers into a "
+                f"tensor there that is not a parameter (an initialiser such as nn.init.orthogonal_); "
+                f"{_HOW_TO_BUILD_WHOLE}"
+            )
         recorded = [(t, r) for t, r in targets if r is not None]
         if recorded:
             device = recorded[0][1].device if _on_meta(recorded[0][0]) else recorded[0][0].device
@@ -217,30 +223,41 @@ class DeferredInit:
         meta_targets = [(t, r) for t, r in recorded if _on_meta(t)]
         if random and meta_targets:
             # nothing was drawn on the meta device: draw what a real tensor would have drawn, into a scratch one
-            scratch = {id(t): torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=r.device)
-                       for t, r in meta_targets}
+            scratch = {
+                id(t): torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=r.device) for t, r in meta_targets
+            }
             swap = lambda v: scratch.get(id(v), v) if isinstance(v, Tensor) else v  # noqa: E731
             func(*[swap(a) for a in args], **{k: swap(v) for k, v in kwargs.items()})
         return out
 
-    def _on_register(self, module: nn.Module, name: str, param: Optional[nn.Parameter]) -> Optional[nn.Parameter]:
+    def _on_register(self, module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
         """A module registers a parameter: swap it for one on the meta device if we can make it again."""
         if param is None or type(param) is not nn.Parameter or _on_meta(param):
             return None  # None, lazy or custom parameters, ours again (a tied weight), or already on meta
         record = self._record_of(param)
-        if (record is None or record.deferred or record.why_not or param.storage_offset() != 0
-                or tuple(param.shape) != record.shape or tuple(param.stride()) != record.stride
-                or param.dtype != record.dtype):
+        if (
+            record is None
+            or record.deferred
+            or record.why_not
+            or param.storage_offset() != 0
+            or tuple(param.shape) != record.shape
+            or tuple(param.stride()) != record.stride
+            or param.dtype != record.dtype
+        ):
             return None
-        deferred = _DeferredParameter(torch.empty_strided(record.shape, record.stride, dtype=record.dtype,
-                                                          device="meta"), requires_grad=param.requires_grad)
+        deferred = _DeferredParameter(
+            torch.empty_strided(record.shape, record.stride, dtype=record.dtype, device="meta"),
+            requires_grad=param.requires_grad,
+        )
         record.deferred = True
         self._records[id(deferred.untyped_storage())] = record  # kept alive by the parameter, held below
         self._deferred[id(deferred)] = (deferred, record)
         return deferred
 
     # ---- afterwards -------------------------------------------------------------------------------------
-    def materialise(self, params: Iterable[nn.Parameter], names: Optional[dict[int, str]] = None) -> dict[int, nn.Parameter]:
+    def materialise(
+        self, params: Iterable[nn.Parameter], names: dict[int, str] | None = None
+    ) -> dict[int, nn.Parameter]:
         """Real parameters for the deferred ones among ``params``, by ``id`` of the meta parameter they replace."""
         wanted = [self._deferred[id(p)] for p in params if id(p) in self._deferred]
         needed: dict[int, _Record] = {}
@@ -255,8 +272,10 @@ class DeferredInit:
         for param, record in wanted:
             if record.why_not:
                 name = (names or {}).get(id(param), f"of shape {tuple(param.shape)}")
-                raise UserError(f"parameter {name} cannot be made again from what was recorded while building it "
-                                f"on the meta device ({record.why_not}); {_HOW_TO_BUILD_WHOLE}")
+                raise UserError(
+                    f"parameter {name} cannot be made again from what was recorded while building it "
+                    f"on the meta device ({record.why_not}); {_HOW_TO_BUILD_WHOLE}"
+                )
         ops = sorted({id(op): op for r in needed.values() for op in (r.factory, *r.ops)}.values(), key=lambda o: o.seq)
         factories = {id(r.factory): r for r in needed.values()}
         generators = {id(op.rng[0]): op.rng[0] for op in ops if op.rng is not None}
@@ -283,7 +302,9 @@ class DeferredInit:
         finally:
             for key, generator in generators.items():
                 generator.set_state(saved[key])
-        return {id(param): nn.Parameter(real[id(record)], requires_grad=param.requires_grad) for param, record in wanted}
+        return {
+            id(param): nn.Parameter(real[id(record)], requires_grad=param.requires_grad) for param, record in wanted
+        }
 
     def forget(self) -> None:
         """Drop what was recorded (generator states, copied arguments). Deferred parameters not materialised
@@ -296,8 +317,9 @@ class DeferredInit:
     @staticmethod
     def on_meta_only(param: nn.Parameter) -> nn.Parameter:
         """A plain parameter on the meta device in place of ``param`` (deferred or not): no values, no gradient."""
-        return nn.Parameter(torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device="meta"),
-                            requires_grad=False)
+        return nn.Parameter(
+            torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device="meta"), requires_grad=False
+        )
 
 
 class _Recorder(TorchDispatchMode):

@@ -12,19 +12,20 @@ resumed run draws the same dropout masks as an uninterrupted one. ``run`` (the m
 strategy names, which the runner knows and the Trainer does not) goes into every manifest, so a
 checkpoint is never resumed by a run of another kind.
 """
+
 from __future__ import annotations
 
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from lightning_xd.checkpoints import CheckpointStore
-from lightning_xd.collectives import gather_objects
+from lightning_xd.comm.collectives import gather_objects
+from lightning_xd.fault_tolerance.checkpoints import CheckpointStore
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,9 +44,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class FaultTolerantCheckpoint(Checkpoint):
-    def __init__(self, dirpath: str | Path, every_n_steps: Optional[int] = None,
-                 every_n_seconds: Optional[float] = None, min_seconds: float = 0.0,
-                 run: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        dirpath: str | Path,
+        every_n_steps: int | None = None,
+        every_n_seconds: float | None = None,
+        min_seconds: float = 0.0,
+        run: dict[str, str] | None = None,
+    ):
         self.store = CheckpointStore(dirpath)
         self.run = run
         self.every_n_steps, self.every_n_seconds, self.min_seconds = every_n_steps, every_n_seconds, min_seconds
@@ -106,8 +112,10 @@ class FaultTolerantCheckpoint(Checkpoint):
         trainer = self._trainer
         if trainer is None:
             return {"rng": [rng_state()]}
-        return {"rng": gather_objects(trainer.strategy, rng_state()),
-                "manifest_info": checkpoint_info(trainer, self._kind, self.run)}
+        return {
+            "rng": gather_objects(trainer.strategy, rng_state()),
+            "manifest_info": checkpoint_info(trainer, self._kind, self.run),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("rng", [])
@@ -126,20 +134,26 @@ class FaultTolerantCheckpoint(Checkpoint):
 
     _trainer = None
     _epoch_end_due = False
-    _rng_to_restore: Optional[dict] = None
+    _rng_to_restore: dict | None = None
 
 
 def _sync_logged_metrics(trainer) -> None:
     """Epoch metrics logged with sync_dist are reduced lazily, on first read, and at an epoch end the
     progress bar reads them on the first process only: reading them on every process before any
     collective of ours keeps every process's collectives in the same order."""
-    trainer.callback_metrics
+    _ = trainer.callback_metrics
 
 
-def checkpoint_info(trainer, kind: str, run: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def checkpoint_info(trainer, kind: str, run: dict[str, str] | None = None) -> dict[str, Any]:
     """What a manifest records about the run that wrote the checkpoint; ``run``: the model, dataset
     and strategy names it was started with (``runner.run_identity``), where known."""
     strategy = trainer.strategy
-    return {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "kind": kind,
-            "world_size": trainer.world_size, "strategy": type(strategy).__name__,
-            "pipeline_stages": getattr(strategy, "stages", None), **({"run": dict(run)} if run else {})}
+    return {
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "kind": kind,
+        "world_size": trainer.world_size,
+        "strategy": type(strategy).__name__,
+        "pipeline_stages": getattr(strategy, "stages", None),
+        **({"run": dict(run)} if run else {}),
+    }

@@ -4,19 +4,34 @@ Registered in Lightning's own ``StrategyRegistry`` as factories that import the 
 when the Trainer asks for it, so importing this package stays light and starts no MPI. The
 ``*_find_unused_parameters_true`` name follows Lightning's ``ddp_find_unused_parameters_true``.
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # name: (module, class, description, constructor arguments)
 NAMES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
-    "mpi": ("strategies.mpi_allreduce", "MPIAllReduceStrategy", "synchronous data parallelism over MPI", {}),
-    "mpi_find_unused_parameters_true": ("strategies.mpi_allreduce", "MPIAllReduceStrategy",
-                                        "mpi, averaging parameters some ranks did not use with zeros",
-                                        {"find_unused_parameters": True}),
-    "async": ("strategies.async_stale", "AsyncStaleGradientStrategy", "parameter server with bounded staleness", {}),
-    "hybrid": ("strategies.hybrid_pipeline", "HybridPipelineStrategy", "pipeline stages x data-parallel replicas", {}),
+    "mpi": ("lightning_xd.strategies.mpi", "MPIAllReduceStrategy", "synchronous data parallelism over MPI", {}),
+    "mpi_find_unused_parameters_true": (
+        "lightning_xd.strategies.mpi",
+        "MPIAllReduceStrategy",
+        "mpi, averaging parameters some ranks did not use with zeros",
+        {"find_unused_parameters": True},
+    ),
+    "async": (
+        "lightning_xd.strategies.async_",
+        "AsyncStaleGradientStrategy",
+        "parameter server with bounded staleness",
+        {},
+    ),
+    "hybrid": (
+        "lightning_xd.strategies.hybrid",
+        "HybridPipelineStrategy",
+        "pipeline stages x data-parallel replicas",
+        {},
+    ),
 }
 
 

@@ -8,6 +8,7 @@ come from the same model, dataset and strategy: every checkpoint's manifest reco
 (``run_identity``), ``check`` compares the one ``--resume`` will pick from its manifest, and the
 rank that picks it (``choose_checkpoint``) compares again, from the checkpoint itself if need be.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,13 +19,16 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
-from lightning_xd.cli import default_run_dir
-from lightning_xd.cores import share_cores
-from lightning_xd.launcher import in_mpi_job
 from lightning_xd.errors import UserError
-from lightning_xd.registry import DATAMODULES, MODELS, STRATEGIES, check_domain, convert
+from lightning_xd.launch.cli import default_run_dir
+from lightning_xd.launch.cores import share_cores
+from lightning_xd.launch.launcher import in_mpi_job
+from lightning_xd.launch.registry import DATAMODULES, MODELS, STRATEGIES, check_domain, convert
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,13 +39,17 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     args.data = args.data or model.defaults.get("data")
     DATAMODULES.get(args.data)
     if model.trains_on and args.data not in model.trains_on:
-        raise UserError(f"model {args.model} cannot train on {args.data}; it trains on {', '.join(model.trains_on)} "
-                        f"(give --data {model.trains_on[0]}, its own, or leave --data out)")
+        raise UserError(
+            f"model {args.model} cannot train on {args.data}; it trains on {', '.join(model.trains_on)} "
+            f"(give --data {model.trains_on[0]}, its own, or leave --data out)"
+        )
     strategy = STRATEGIES.get(args.strategy)
     max_nprocs = strategy.defaults.get("max_nprocs")
     if max_nprocs is not None and args.nprocs > max_nprocs:
-        raise UserError(f"strategy {args.strategy!r} runs at most {max_nprocs} process(es), not --nprocs "
-                        f"{args.nprocs}; use --strategy mpi or ddp for several")
+        raise UserError(
+            f"strategy {args.strategy!r} runs at most {max_nprocs} process(es), not --nprocs "
+            f"{args.nprocs}; use --strategy mpi or ddp for several"
+        )
     if args.max_epochs is None:
         args.max_epochs = model.defaults.get("max_epochs", 10)
     _check_extra_flags(args, [model, DATAMODULES.get(args.data), strategy])
@@ -63,11 +71,14 @@ def _check_extra_flags(args: argparse.Namespace, entries: list) -> None:
     unknown = sorted(set(args.extra) - set(params))
     if unknown:
         names = ", ".join("--" + u.replace("_", "-") for u in unknown)
-        raise UserError(f"unknown flag(s) {names} for model {args.model}, data {args.data}, strategy "
-                        f"{args.strategy}; `python train.py --list` shows the flags each one takes")
+        raise UserError(
+            f"unknown flag(s) {names} for model {args.model}, data {args.data}, strategy "
+            f"{args.strategy}; `python train.py --list` shows the flags each one takes"
+        )
     origin = getattr(args, "extra_from", {})  # config file and key, for values that came from one
-    args.extra = {name: convert(params[name], value, origin.get(name), typed=True)
-                  for name, value in args.extra.items()}
+    args.extra = {
+        name: convert(params[name], value, origin.get(name), typed=True) for name, value in args.extra.items()
+    }
     for name, value in args.extra.items():
         check_domain(name, value, origin.get(name))
 
@@ -94,13 +105,16 @@ def check_run_dir(run_dir: str | Path) -> None:
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        raise UserError(f"--run-dir {path} cannot be written: {existing} is a file, not a folder; "
-                        "give another --run-dir")
+        raise UserError(
+            f"--run-dir {path} cannot be written: {existing} is a file, not a folder; give another --run-dir"
+        )
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
     except OSError as err:
-        raise UserError(f"--run-dir {path} cannot be written ({err.strerror} in {existing}); "
-                        "give a --run-dir this user can write to") from None
+        raise UserError(
+            f"--run-dir {path} cannot be written ({err.strerror} in {existing}); "
+            "give a --run-dir this user can write to"
+        ) from None
 
 
 def run_identity(args: argparse.Namespace) -> dict[str, str]:
@@ -111,7 +125,7 @@ def run_identity(args: argparse.Namespace) -> dict[str, str]:
 def _check_checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> None:
     """The launching process's view of what ``choose_checkpoint`` will pick, from manifests only (no
     checksum, no loading: the rank that resumes verifies): it must exist and match this run."""
-    from lightning_xd.checkpoints import AUTO_RESUME_FIX, CheckpointStore, check_same_run, read_manifest
+    from lightning_xd.fault_tolerance.checkpoints import AUTO_RESUME_FIX, CheckpointStore, check_same_run, read_manifest
 
     if args.resume == "never":
         return
@@ -131,7 +145,7 @@ def _check_checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> None
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that can be checked before processes start, including the data on this host."""
-    from lightning_xd.registry import accepted_settings
+    from lightning_xd.launch.registry import accepted_settings
 
     settings = resolve(args)
     _check_checkpoint_to_resume(args, Path(settings["run_dir"]))
@@ -160,17 +174,22 @@ def _prepare_data_once_per_host(datamodule) -> None:
     if not in_mpi_job():
         datamodule.prepare_data()
         return
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     if world().local().rank == 0:
         datamodule.prepare_data()
     world().barrier()
 
 
-def choose_checkpoint(resume: str, run_dir: Path, run: Optional[dict[str, str]] = None) -> Optional[str]:
+def choose_checkpoint(resume: str, run_dir: Path, run: dict[str, str] | None = None) -> str | None:
     """The checkpoint to resume from (``--resume auto|never|PATH``); decided by the first process.
     With ``run`` (``run_identity``), one saved by another model, dataset or strategy is refused."""
-    from lightning_xd.checkpoints import AUTO_RESUME_FIX, CheckpointStore, check_readable, check_same_run
+    from lightning_xd.fault_tolerance.checkpoints import (
+        AUTO_RESUME_FIX,
+        CheckpointStore,
+        check_readable,
+        check_same_run,
+    )
 
     store, completed = CheckpointStore(run_dir / "checkpoints"), run_dir / "COMPLETED"
     if resume not in ("auto", "never"):
@@ -191,10 +210,10 @@ def choose_checkpoint(resume: str, run_dir: Path, run: Optional[dict[str, str]] 
     return None
 
 
-def _checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> Optional[str]:
+def _checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> str | None:
     if not in_mpi_job():
         return choose_checkpoint(args.resume, run_dir, run_identity(args))
-    from lightning_xd.comm import world
+    from lightning_xd.comm.communicator import world
 
     choice = None
     if world().rank == 0:
@@ -211,21 +230,28 @@ def _checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> Optional[s
 def _fault_tolerance_callbacks(args: argparse.Namespace, run_dir: Path) -> list:
     from lightning_xd.callbacks import FaultInjector, FaultTolerantCheckpoint, ProgressMarker, parse_fault
 
-    callbacks = [FaultTolerantCheckpoint(run_dir / "checkpoints", args.ckpt_every_steps, args.ckpt_every_seconds,
-                                         args.ckpt_min_seconds, run=run_identity(args)),
-                 ProgressMarker(run_dir / "progress.json")]
+    callbacks = [
+        FaultTolerantCheckpoint(
+            run_dir / "checkpoints",
+            args.ckpt_every_steps,
+            args.ckpt_every_seconds,
+            args.ckpt_min_seconds,
+            run=run_identity(args),
+        ),
+        ProgressMarker(run_dir / "progress.json"),
+    ]
     if args.inject_fault:
         callbacks.append(FaultInjector(parse_fault(args.inject_fault)))
     return callbacks
 
 
-def build_trainer(settings: dict[str, Any], strategy, callbacks: list) -> "Trainer":
+def build_trainer(settings: dict[str, Any], strategy, callbacks: list) -> Trainer:
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_xd.checkpoints import BackgroundCheckpointIO, VerifiedCheckpointIO
+    from lightning_xd.fault_tolerance.checkpoints import BackgroundCheckpointIO, VerifiedCheckpointIO
 
     environment = getattr(strategy, "cluster_environment", None)
     # A strategy without an environment of its own gets one, so that Lightning never probes for MPI
@@ -257,11 +283,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     settings = resolve(args)
     if in_mpi_job():
-        from lightning_xd.comm import world
+        from lightning_xd.comm.communicator import world
 
         if world().size != args.nprocs:
-            raise UserError(f"--nprocs {args.nprocs} but this MPI job has {world().size} processes; "
-                            "drop mpirun and let --nprocs start the job")
+            raise UserError(
+                f"--nprocs {args.nprocs} but this MPI job has {world().size} processes; "
+                "drop mpirun and let --nprocs start the job"
+            )
         _quiet_unless_rank_zero(world().rank)
         share_cores(world().local())
 
@@ -290,7 +318,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)
     tested = trainer.test(model, datamodule=datamodule, verbose=trainer.is_global_zero)
     metrics = {
-        "model": args.model, "data": args.data, "strategy": args.strategy, "world_size": trainer.world_size,
+        "model": args.model,
+        "data": args.data,
+        "strategy": args.strategy,
+        "world_size": trainer.world_size,
         **(validated[0] if validated else {}),
         **(tested[0] if tested else {}),
         **totals,
@@ -301,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_json(run_dir / "metrics.json", metrics)
         (run_dir / "COMPLETED").write_text(f"{time.time()}\n")  # the supervisor's sign that the run finished
     if getattr(strategy, "recoveries", None):
-        from lightning_xd.ulfm import leave_after_failure
+        from lightning_xd.comm.ulfm import leave_after_failure
 
         leave_after_failure()
     return metrics
@@ -310,8 +341,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def checkpoint_overhead(checkpoints, summary) -> dict[str, float]:
     """Time spent saving checkpoints, against the time spent in training steps (this process)."""
     saves = checkpoints.save_seconds
-    return {"checkpoint/saves": len(saves), "checkpoint/save_s_mean": sum(saves) / max(1, len(saves)),
-            "checkpoint/overhead_pct": 100.0 * sum(saves) / max(summary.step_seconds, 1e-9)}
+    return {
+        "checkpoint/saves": len(saves),
+        "checkpoint/save_s_mean": sum(saves) / max(1, len(saves)),
+        "checkpoint/overhead_pct": 100.0 * sum(saves) / max(summary.step_seconds, 1e-9),
+    }
 
 
 def write_json(path: Path, content: dict) -> None:

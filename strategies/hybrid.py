@@ -8,7 +8,7 @@ only its own part's parameters and optimizer state, about 1/P of the model.
 
 Building. A model built under ``trainer.init_module()`` (train.py builds every model in the strategy's
 ``tensor_init_context``) gets its parameters on the meta device, their initialisation recorded
-(``lightning_xd.deferred_init``); at set-up each process materialises only its own stages' parameters
+(``lightning_xd.parallel.deferred_init``); at set-up each process materialises only its own stages' parameters
 (and any outside the stages) by replaying that initialisation, so they start from exactly the values
 the unsplit model would, and the other stages' parameters never get storage: the most parameter memory a
 process allocates is its share, plus one parameter at a time while building. A model built whole anyway
@@ -16,7 +16,7 @@ is cut at set-up (the other stages' parameters move to the meta device). ``defer
 whole, for models whose construction reads their own parameters.
 
 A training step splits the batch into M micro-batches and runs the pipeline schedule (``gpipe``
-or ``1f1b``, see ``lightning_xd.pipeline``) inside Lightning's automatic optimization:
+or ``1f1b``, see ``lightning_xd.parallel.pipeline``) inside Lightning's automatic optimization:
 ``training_step`` runs every forward in the precision plugin's ``train_step_context`` (autocast for
 bf16-/16-mixed) and every backward through the plugin, each micro-batch's loss weighted by its share
 of the batch's samples (the step's gradient is that of the batch's mean loss, whatever the sizes) and
@@ -38,11 +38,13 @@ checkpoint of the whole model; it is loaded after set-up, when each process know
 
     python train.py --model mpnn --strategy hybrid --nprocs 4 --pipeline-stages 2 --microbatches 4
 """
+
 from __future__ import annotations
 
 import resource
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Generator, Mapping, Optional
+from collections.abc import Callable, Generator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.device_dtype_mixin import _update_properties
@@ -50,14 +52,14 @@ from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from lightning_xd.comm import Communicator, wait_all
-from lightning_xd.deferred_init import DeferredInit
+from lightning_xd.comm.communicator import Communicator, wait_all
 from lightning_xd.errors import UserError
-from lightning_xd.gradient_buckets import GradientBuckets
-from lightning_xd.microbatch import sample_shares, split_batch
-from lightning_xd.pipeline import SCHEDULES, PipelineStage, StepTimes, partition
-from lightning_xd.registry import STRATEGIES
-from strategies.mpi_allreduce import MPIAllReduceStrategy
+from lightning_xd.launch.registry import STRATEGIES
+from lightning_xd.parallel.deferred_init import DeferredInit
+from lightning_xd.parallel.gradient_buckets import GradientBuckets
+from lightning_xd.parallel.microbatch import sample_shares, split_batch
+from lightning_xd.parallel.pipeline import SCHEDULES, PipelineStage, StepTimes, partition
+from lightning_xd.strategies.mpi import MPIAllReduceStrategy
 
 PIPELINE_METHODS = ("pipeline_stages", "pipeline_input", "pipeline_loss")
 
@@ -69,8 +71,14 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
     strategy_name = "hybrid"
     supports_ulfm = False  # a lost stage breaks its pipeline; the supervisor restarts the job
 
-    def __init__(self, pipeline_stages: int = 2, microbatches: int = 4, schedule: str = "1f1b",
-                 deferred_init: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        pipeline_stages: int = 2,
+        microbatches: int = 4,
+        schedule: str = "1f1b",
+        deferred_init: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.check_settings(self.comm.size, pipeline_stages, microbatches, schedule)
         self.stages, self.microbatches, self.schedule = pipeline_stages, microbatches, schedule
@@ -80,42 +88,56 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         self.collective_comm = self._replicas
         self.deferred_init = deferred_init
         self._deferred = DeferredInit()
-        self.runner: Optional[PipelineStage] = None
+        self.runner: PipelineStage | None = None
         self.own_modules: list[nn.Module] = []
         self.stage_keys: list[str] = []  # state_dict keys of the stages this process runs
-        self._gradients_of_step: list[tuple[nn.Parameter, Optional[Tensor]]] = []
+        self._gradients_of_step: list[tuple[nn.Parameter, Tensor | None]] = []
         self._summary: dict[str, Any] = {}
 
     @staticmethod
-    def check_settings(nprocs: int, pipeline_stages: int = 2, microbatches: int = 4, schedule: str = "1f1b",
-                       model: Optional[nn.Module] = None) -> None:
+    def check_settings(
+        nprocs: int,
+        pipeline_stages: int = 2,
+        microbatches: int = 4,
+        schedule: str = "1f1b",
+        model: nn.Module | None = None,
+    ) -> None:
         """Checked before any process starts (with the model), and again by every rank."""
         if model is not None:
             missing = [m for m in PIPELINE_METHODS if not callable(getattr(model, m, None))]
             if missing:
-                raise UserError(f"model {type(model).__name__} cannot be split into pipeline stages (it has no "
-                                f"{', '.join(missing)}); use --strategy mpi")
+                raise UserError(
+                    f"model {type(model).__name__} cannot be split into pipeline stages (it has no "
+                    f"{', '.join(missing)}); use --strategy mpi"
+                )
             count = len(list(model.pipeline_stages()))
             if pipeline_stages > count:
-                raise UserError(f"--pipeline-stages {pipeline_stages} but {type(model).__name__} has only {count} "
-                                "stages; use fewer")
+                raise UserError(
+                    f"--pipeline-stages {pipeline_stages} but {type(model).__name__} has only {count} stages; use fewer"
+                )
         if schedule not in SCHEDULES:
             raise UserError(f"unknown --schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
         if pipeline_stages < 1 or microbatches < 1:
             raise UserError("--pipeline-stages and --microbatches must be at least 1")
         if nprocs % pipeline_stages:
-            raise UserError(f"{nprocs} processes cannot form pipelines of {pipeline_stages} stages; "
-                            f"use a multiple of {pipeline_stages} for --nprocs")
+            raise UserError(
+                f"{nprocs} processes cannot form pipelines of {pipeline_stages} stages; "
+                f"use a multiple of {pipeline_stages} for --nprocs"
+            )
 
     @staticmethod
     def check_trainer(trainer, model: nn.Module) -> None:
         """What the pipeline schedule cannot train with, refused on every rank alike."""
         if not getattr(model, "automatic_optimization", True):
-            raise UserError("the hybrid strategy runs each step's backward passes itself, in its pipeline schedule: "
-                            "it needs Lightning's automatic optimization; use --strategy mpi for manual optimization")
+            raise UserError(
+                "the hybrid strategy runs each step's backward passes itself, in its pipeline schedule: "
+                "it needs Lightning's automatic optimization; use --strategy mpi for manual optimization"
+            )
         if trainer.accumulate_grad_batches != 1:
-            raise UserError("the hybrid strategy accumulates over micro-batches; use --microbatches instead of "
-                            "accumulating gradients over batches")
+            raise UserError(
+                "the hybrid strategy accumulates over micro-batches; use --microbatches instead of "
+                "accumulating gradients over batches"
+            )
 
     @property
     def replicas(self) -> Communicator:
@@ -133,7 +155,7 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
 
     # ---- building: parameters on the meta device, this process's stages materialised at set-up ---------
     @contextmanager
-    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
         recording = self._deferred.recording() if self.deferred_init else nullcontext()
         with super().tensor_init_context(empty_init), recording:
             yield
@@ -160,8 +182,13 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         own = [stages[i] for i in parts[self.stage]]
         # by tensor, not by module name: a model may build its stages afresh around its own layers (MPNN)
         own_ids = {id(p) for m in own for p in m.parameters()}
-        others = {id(p): p for i, s in enumerate(stages) if i not in parts[self.stage] for p in s.parameters()
-                  if id(p) not in own_ids}
+        others = {
+            id(p): p
+            for i, s in enumerate(stages)
+            if i not in parts[self.stage]
+            for p in s.parameters()
+            if id(p) not in own_ids
+        }
         modules = [model, *stages]
         everything = {id(p): p for m in modules for p in m.parameters()}
         names = {id(p): name for name, p in model.named_parameters()}
@@ -185,9 +212,10 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         with torch.no_grad():
             wait_all([self.replicas.ibroadcast(t.data, root=src) for t in tensors])
 
-    def gradient_sync(self) -> Optional[GradientBuckets]:
-        return GradientBuckets(nn.ModuleList(self.own_modules), self.replicas, self.bucket_size_mb,
-                               self.find_unused_parameters)
+    def gradient_sync(self) -> GradientBuckets | None:
+        return GradientBuckets(
+            nn.ModuleList(self.own_modules), self.replicas, self.bucket_size_mb, self.find_unused_parameters
+        )
 
     def teardown(self) -> None:
         vars(self.precision_plugin).pop("clip_grad_by_norm", None)
@@ -220,8 +248,9 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         microbatches = self._microbatches(batch)
         shares = sample_shares(microbatches)
         context = self.precision_plugin.train_step_context
-        outputs, losses = self.runner.train_step(microbatches, self.schedule, shares, context,
-                                                 self._backward_pass, self._before_last_backward)
+        outputs, losses = self.runner.train_step(
+            microbatches, self.schedule, shares, context, self._backward_pass, self._before_last_backward
+        )
         self._gradients_of_step = [(p, p.grad) for p in params]
         for p in params:  # Lightning zeroes gradients between training_step and backward
             p.grad = None
@@ -230,7 +259,7 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
                 losses = [self.lightning_module.pipeline_loss(o, mb, "train") for o, mb in zip(outputs, microbatches)]
         return sum(share * loss for share, loss in zip(shares, losses))
 
-    def _backward_pass(self, tensor: Tensor, grad: Optional[Tensor]) -> None:
+    def _backward_pass(self, tensor: Tensor, grad: Tensor | None) -> None:
         """One backward of the schedule, through the precision plugin: a micro-batch's loss (``grad`` None)
         is scaled first, as the plugin's ``pre_backward`` scales a loss, without running the step's hooks."""
         scaler = getattr(self.precision_plugin, "scaler", None)
@@ -282,11 +311,11 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         total = squared.sqrt().to(local.device, local.dtype).reshape(())
         torch.nn.utils.clip_grads_with_norm_(params, clip_val, total)
 
-    def _forward_only(self, batch: Any, context: Callable[[], ContextManager]) -> tuple[list, list[Tensor]]:
+    def _forward_only(self, batch: Any, context: Callable[[], AbstractContextManager]) -> tuple[list, list[Tensor]]:
         microbatches = self._microbatches(batch)
         return microbatches, self.runner.eval_step(microbatches, context)
 
-    def _evaluate(self, batch: Any, stage: str, context: Callable[[], ContextManager]) -> None:
+    def _evaluate(self, batch: Any, stage: str, context: Callable[[], AbstractContextManager]) -> None:
         microbatches, outputs = self._forward_only(batch, context)
         with context(), torch.no_grad():
             for output, microbatch in zip(outputs, microbatches):
@@ -309,13 +338,21 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         idle = sum(t.idle_fraction for t in steps) / max(1, len(steps))
         own_params = sum(p.numel() for m in self.own_modules for p in m.parameters())
         last = self.runner.recorded[-1] if self.runner.recorded else StepTimes()
-        per_rank = self.comm.allgather_object({
-            "bubble": idle, "params": own_params, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "timeline": last.timeline, "step_s": last.total})
+        per_rank = self.comm.allgather_object(
+            {
+                "bubble": idle,
+                "params": own_params,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "timeline": last.timeline,
+                "step_s": last.total,
+            }
+        )
         total_params = sum(r["params"] for r in per_rank[: self.stages])
         p, m = self.stages, self.microbatches
         self._summary = {
-            "pipeline/stages": p, "pipeline/microbatches": m, "pipeline/schedule": self.schedule,
+            "pipeline/stages": p,
+            "pipeline/microbatches": m,
+            "pipeline/schedule": self.schedule,
             "pipeline/bubble_measured": sum(r["bubble"] for r in per_rank) / len(per_rank),
             "pipeline/bubble_theory": (p - 1) / (m + p - 1),
             "pipeline/bubble_per_rank": [r["bubble"] for r in per_rank],
@@ -328,9 +365,13 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         }
         logger = self.lightning_module.trainer.logger
         if logger is not None:
-            logger.log_metrics({"pipeline/bubble_measured": self._summary["pipeline/bubble_measured"],
-                                "pipeline/bubble_theory": self._summary["pipeline/bubble_theory"]},
-                               step=self.lightning_module.trainer.global_step)
+            logger.log_metrics(
+                {
+                    "pipeline/bubble_measured": self._summary["pipeline/bubble_measured"],
+                    "pipeline/bubble_theory": self._summary["pipeline/bubble_theory"],
+                },
+                step=self.lightning_module.trainer.global_step,
+            )
 
     def summary_metrics(self) -> dict[str, Any]:
         return dict(self._summary)
@@ -356,8 +397,10 @@ class HybridPipelineStrategy(MPIAllReduceStrategy):
         state = checkpoint["state_dict"]
         missing = [k for k in self.stage_keys if k not in state]
         if missing:
-            raise UserError(f"checkpoint lacks this stage's parameters ({', '.join(missing[:3])} ...); it was not "
-                            "written by this model")
+            raise UserError(
+                f"checkpoint lacks this stage's parameters ({', '.join(missing[:3])} ...); it was not "
+                "written by this model"
+            )
         held = {k for k, t in self.lightning_module.state_dict(keep_vars=True).items() if not t.is_meta}
         self.lightning_module.load_state_dict({k: v for k, v in state.items() if k in held}, strict=False)
 

@@ -3,13 +3,14 @@
 Ranks run as ``python -m mpi4py train.py ...``: an uncaught exception on any rank then aborts
 the whole job instead of leaving the other ranks waiting in a collective forever.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from lightning_xd.errors import UserError
 
@@ -31,8 +32,13 @@ def mpirun_executable() -> str:
     return found
 
 
-def mpirun_command(nprocs: int, script_argv: Sequence[str], hostfile: Optional[str] = None,
-                   mpirun_args: Sequence[str] = (), env: Optional[dict] = None) -> list[str]:
+def mpirun_command(
+    nprocs: int,
+    script_argv: Sequence[str],
+    hostfile: str | None = None,
+    mpirun_args: Sequence[str] = (),
+    env: dict | None = None,
+) -> list[str]:
     """The mpirun command line that starts ``nprocs`` ranks of ``python -m mpi4py script ...``
     (forwarding the variables of ``env``, by default this process's, that every rank needs)."""
     cmd = [mpirun_executable(), "-np", str(nprocs)]
@@ -48,8 +54,8 @@ def mpirun_command(nprocs: int, script_argv: Sequence[str], hostfile: Optional[s
     return cmd
 
 
-def binding(nprocs: int, hostfile: Optional[str] = None) -> list[str]:
-    """How mpirun places and binds the ranks (see ``lightning_xd.cores`` for the threads they then run).
+def binding(nprocs: int, hostfile: str | None = None) -> list[str]:
+    """How mpirun places and binds the ranks (see ``lightning_xd.launch.cores`` for the threads they then run).
 
     On this host, with a rank per core or fewer: k = cores // ranks whole cores each (``PE=k``); Open
     MPI's default would bind each rank to a single core whatever the host has. More ranks than cores,
@@ -63,7 +69,7 @@ def binding(nprocs: int, hostfile: Optional[str] = None) -> list[str]:
     return ["--map-by", f"slot:PE={cores // nprocs}", "--bind-to", "core"]
 
 
-def mpirun_environment(launch_agent: Optional[str] = None) -> dict[str, str]:
+def mpirun_environment(launch_agent: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # torch's CPU allocator then backs large tensors with transparent huge pages, as numpy does: MPI
     # moves gradient buckets ~15% faster from 16 MB up (benchmarks/allreduce.py); a user's setting wins

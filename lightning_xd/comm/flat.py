@@ -1,7 +1,8 @@
 """Many tensors as one flat buffer: one message or one allreduce instead of one per tensor."""
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ class FlatLayout:
         return [flat[a:b].view(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)]
 
     @torch.no_grad()
-    def pack(self, tensors: Sequence[Optional[Tensor]], out: Optional[Tensor] = None) -> Tensor:
+    def pack(self, tensors: Sequence[Tensor | None], out: Tensor | None = None) -> Tensor:
         """Copy ``tensors`` into one flat buffer; a missing tensor (None) counts as zeros."""
         flat = self.empty() if out is None else out
         for view, t in zip(self.slices(flat), tensors):

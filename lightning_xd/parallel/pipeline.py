@@ -13,16 +13,19 @@ Schedules (one step, P stages, M micro-batches):
   in turn, then the remaining backwards; at most P-s activations are alive at once.
 Both leave idle time ("bubbles") of about (P-1)/(M+P-1) of a step.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xd.comm import Communicator, Handle, wait_all
+from lightning_xd.comm.communicator import Communicator, Handle, wait_all
 from lightning_xd.errors import UserError
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -95,9 +98,15 @@ class PipelineStage:
     def _receive(self, tag: int, source: int, like: Any) -> Tensor:
         return self.comm.recv_tensor(source, tag, device=_device_of(like))
 
-    def train_step(self, microbatches: list, kind: str, weights: Sequence[float],
-                   forward_context: Callable[[], ContextManager], backward: Callable[[Tensor, Optional[Tensor]], None],
-                   before_last_backward: Callable[[Tensor], None]) -> tuple[list[Tensor], list[Tensor]]:
+    def train_step(
+        self,
+        microbatches: list,
+        kind: str,
+        weights: Sequence[float],
+        forward_context: Callable[[], AbstractContextManager],
+        backward: Callable[[Tensor, Tensor | None], None],
+        before_last_backward: Callable[[Tensor], None],
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Forward and backward of every micro-batch in the schedule's order.
 
         Forwards run inside ``forward_context()`` (the precision plugin's autocast, say), backwards outside
@@ -151,7 +160,7 @@ class PipelineStage:
         self.recorded.append(self.times)
         return self._share_outputs(last_outputs, microbatches[0]), losses
 
-    def eval_step(self, microbatches: list, forward_context: Callable[[], ContextManager]) -> list[Tensor]:
+    def eval_step(self, microbatches: list, forward_context: Callable[[], AbstractContextManager]) -> list[Tensor]:
         """Forward only, inside ``forward_context()``; the last stage's outputs, on every process of the pipeline."""
         sends: list[Handle] = []
         last_outputs: list = [None] * len(microbatches)

@@ -13,12 +13,14 @@ constructor are checked against it as they are parsed (``cli.parse_args``, ``run
 the launching process before any rank starts, so constructors need not repeat the check and a bad
 value is one line naming the flag (or config key), the value and what to give instead.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from lightning_xd.errors import UserError
 
@@ -75,22 +77,24 @@ def accepted_settings(build: Callable, settings: dict[str, Any], exclude: dict |
     """
     params = inspect.signature(build).parameters
     exclude = exclude or {}
-    return {k: convert(params[k], v) for k, v in settings.items()
-            if k in params and k not in exclude and v is not None}
+    return {k: convert(params[k], v) for k, v in settings.items() if k in params and k not in exclude and v is not None}
 
 
 def flags_of(build: Callable) -> list[str]:
     """The ``--flag=default`` spelling of ``build``'s keyword parameters."""
     params = inspect.signature(build).parameters.values()
-    return [f"--{p.name.replace('_', '-')}={p.default}" for p in params
-            if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
+    return [
+        f"--{p.name.replace('_', '-')}={p.default}"
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
+    ]
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def expected_type(param: inspect.Parameter) -> Optional[type]:
+def expected_type(param: inspect.Parameter) -> type | None:
     """bool, int, float or str: from the parameter's default, else its annotation; None if neither says."""
     default = param.default
     if default not in (None, inspect.Parameter.empty) and type(default) in (bool, int, float, str):
@@ -100,7 +104,7 @@ def expected_type(param: inspect.Parameter) -> Optional[type]:
     return {"bool": bool, "int": int, "float": float, "str": str}.get(annotation)
 
 
-def convert(param: inspect.Parameter, value: Any, where: Optional[str] = None, typed: bool = False) -> Any:
+def convert(param: inspect.Parameter, value: Any, where: str | None = None, typed: bool = False) -> Any:
     """A flag's value converted to the type of the parameter it sets; one-line error if it does not fit.
 
     Text (the command line) is parsed. With ``typed``, values that arrive already typed (a config
@@ -138,6 +142,7 @@ def _type_name(kind: type) -> str:
 @dataclass(frozen=True)
 class Domain:
     """The values a parameter may take (finite numbers only) and, for the error, what to give."""
+
     holds: Callable[[float], bool]
     give: str
 
@@ -149,26 +154,51 @@ PROBABILITY = Domain(lambda v: 0 <= v < 1, "a value from 0 up to (not including)
 
 DOMAINS: dict[str, Domain] = {
     # train.py's own flags
-    "nprocs": AT_LEAST_ONE, "min_nprocs": AT_LEAST_ONE, "max_epochs": AT_LEAST_ONE,
+    "nprocs": AT_LEAST_ONE,
+    "min_nprocs": AT_LEAST_ONE,
+    "max_epochs": AT_LEAST_ONE,
     "max_steps": Domain(lambda v: v == -1 or v >= 1, "-1 (no limit) or a value of at least 1"),
     "seed": Domain(lambda v: 0 <= v <= 2**32 - 1, "a value from 0 to 4294967295"),
-    "log_every_n_steps": NOT_NEGATIVE, "dashboard_every": NOT_NEGATIVE, "ckpt_every_steps": AT_LEAST_ONE,
-    "ckpt_every_seconds": ABOVE_ZERO, "ckpt_min_seconds": NOT_NEGATIVE, "keep_last": AT_LEAST_ONE,
-    "collective_timeout": ABOVE_ZERO, "max_restarts": NOT_NEGATIVE,
+    "log_every_n_steps": NOT_NEGATIVE,
+    "dashboard_every": NOT_NEGATIVE,
+    "ckpt_every_steps": AT_LEAST_ONE,
+    "ckpt_every_seconds": ABOVE_ZERO,
+    "ckpt_min_seconds": NOT_NEGATIVE,
+    "keep_last": AT_LEAST_ONE,
+    "collective_timeout": ABOVE_ZERO,
+    "max_restarts": NOT_NEGATIVE,
     # parameters of models, datasets and strategies that mean the same wherever they appear
-    "batch_size": AT_LEAST_ONE, "lr": ABOVE_ZERO, "table_lr": ABOVE_ZERO, "weight_decay": NOT_NEGATIVE,
-    "momentum": NOT_NEGATIVE, "dropout": PROBABILITY, "label_smoothing": PROBABILITY,
-    "bucket_size_mb": ABOVE_ZERO, "microbatches": AT_LEAST_ONE, "pipeline_stages": AT_LEAST_ONE,
-    "staleness": NOT_NEGATIVE, "delay_compensation": NOT_NEGATIVE,
-    "hidden_channels": AT_LEAST_ONE, "hidden_size": AT_LEAST_ONE, "num_layers": AT_LEAST_ONE,
-    "out_channels": AT_LEAST_ONE, "embedding_dim": AT_LEAST_ONE, "code_size": AT_LEAST_ONE,
-    "width": AT_LEAST_ONE, "channels": AT_LEAST_ONE, "kernel_size": AT_LEAST_ONE,
-    "edge_hidden": AT_LEAST_ONE, "steps": AT_LEAST_ONE, "num_gaussians": AT_LEAST_ONE, "cutoff": ABOVE_ZERO,
-    "window": AT_LEAST_ONE, "horizon": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE,
+    "lr": ABOVE_ZERO,
+    "table_lr": ABOVE_ZERO,
+    "weight_decay": NOT_NEGATIVE,
+    "momentum": NOT_NEGATIVE,
+    "dropout": PROBABILITY,
+    "label_smoothing": PROBABILITY,
+    "bucket_size_mb": ABOVE_ZERO,
+    "microbatches": AT_LEAST_ONE,
+    "pipeline_stages": AT_LEAST_ONE,
+    "staleness": NOT_NEGATIVE,
+    "delay_compensation": NOT_NEGATIVE,
+    "hidden_channels": AT_LEAST_ONE,
+    "hidden_size": AT_LEAST_ONE,
+    "num_layers": AT_LEAST_ONE,
+    "out_channels": AT_LEAST_ONE,
+    "embedding_dim": AT_LEAST_ONE,
+    "code_size": AT_LEAST_ONE,
+    "width": AT_LEAST_ONE,
+    "channels": AT_LEAST_ONE,
+    "kernel_size": AT_LEAST_ONE,
+    "edge_hidden": AT_LEAST_ONE,
+    "steps": AT_LEAST_ONE,
+    "num_gaussians": AT_LEAST_ONE,
+    "cutoff": ABOVE_ZERO,
+    "window": AT_LEAST_ONE,
+    "horizon": AT_LEAST_ONE,
 }
 
 
-def check_domain(name: str, value: Any, where: Optional[str] = None) -> None:
+def check_domain(name: str, value: Any, where: str | None = None) -> None:
     """One-line error if the number ``value`` of parameter ``name`` is outside ``DOMAINS[name]``."""
     domain = DOMAINS.get(name)
     if domain is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -8,13 +8,16 @@ buffer-based mpi4py calls). Anything else (non-contiguous, CUDA, half precision 
 reduction) is staged through a contiguous CPU copy that is written back when the operation
 finishes.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
 import time
-from typing import Any, Callable, ContextManager, Optional, Union
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,10 +27,32 @@ from torch import Tensor
 # launches), and a process that never uses us must see mpi4py exactly as Lightning expects it.
 ANY_SOURCE = ANY_TAG = -1  # MPI_ANY_SOURCE / MPI_ANY_TAG (checked against mpi4py when MPI starts)
 _NO_MPI_ARITHMETIC = (torch.float16, torch.bfloat16, torch.bool)
-_DTYPE_CODES = [torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
-                torch.bool, torch.complex64, torch.complex128, torch.float16, torch.bfloat16]
-_OP_NAMES = {"sum": "SUM", "mean": "SUM", "avg": "SUM", "max": "MAX", "min": "MIN", "prod": "PROD",
-             "product": "PROD", "band": "BAND", "bor": "BOR", "bxor": "BXOR"}
+_DTYPE_CODES = [
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+    torch.float16,
+    torch.bfloat16,
+]
+_OP_NAMES = {
+    "sum": "SUM",
+    "mean": "SUM",
+    "avg": "SUM",
+    "max": "MAX",
+    "min": "MIN",
+    "prod": "PROD",
+    "product": "PROD",
+    "band": "BAND",
+    "bor": "BOR",
+    "bxor": "BXOR",
+}
 _HEADER_WORDS = 10  # dtype, ndim, up to 8 dimensions
 
 
@@ -51,30 +76,46 @@ def mpi() -> Any:
 def _mpi_types() -> dict:
     MPI = mpi()
     # MPI has no 16-bit float type: moved as raw 16-bit words, reduced in float32.
-    return dict(zip(_DTYPE_CODES, [MPI.FLOAT, MPI.DOUBLE, MPI.INT8_T, MPI.UINT8_T, MPI.INT16_T, MPI.INT32_T,
-                                   MPI.INT64_T, MPI.C_BOOL, MPI.C_FLOAT_COMPLEX, MPI.C_DOUBLE_COMPLEX,
-                                   MPI.INT16_T, MPI.INT16_T]))
+    return dict(
+        zip(
+            _DTYPE_CODES,
+            [
+                MPI.FLOAT,
+                MPI.DOUBLE,
+                MPI.INT8_T,
+                MPI.UINT8_T,
+                MPI.INT16_T,
+                MPI.INT32_T,
+                MPI.INT64_T,
+                MPI.C_BOOL,
+                MPI.C_FLOAT_COMPLEX,
+                MPI.C_DOUBLE_COMPLEX,
+                MPI.INT16_T,
+                MPI.INT16_T,
+            ],
+        )
+    )
 
 
 def _mpi_op(name: str) -> Any:
     return getattr(mpi(), _OP_NAMES[name])
 
 
-_wait_watcher: Optional[Callable[[str], ContextManager]] = None
+_wait_watcher: Callable[[str], AbstractContextManager] | None = None
 
 
-def watch_waits(watcher: Optional[Callable[[str], ContextManager]]) -> None:
+def watch_waits(watcher: Callable[[str], AbstractContextManager] | None) -> None:
     """Have ``watcher(what)`` wrap every wait of this process on MPI (a watchdog timing them), or None."""
     global _wait_watcher
     _wait_watcher = watcher
 
 
-def watched(what: str) -> ContextManager:
+def watched(what: str) -> AbstractContextManager:
     """The context a blocking MPI call runs in: the installed wait watcher's, or nothing."""
     return _wait_watcher(what) if _wait_watcher is not None else contextlib.nullcontext()
 
 
-ReduceOpLike = Union[str, Any]  # "sum" | "mean" | torch.distributed.ReduceOp.SUM | ...
+ReduceOpLike = str | Any  # "sum" | "mean" | torch.distributed.ReduceOp.SUM | ...
 
 
 def op_name(op: ReduceOpLike) -> str:
@@ -106,8 +147,9 @@ class _Staged:
             self.work = tensor
         else:
             dtype = (torch.int32 if tensor.dtype == torch.bool else torch.float32) if needs_upcast else tensor.dtype
-            self.work = (tensor.detach().to("cpu", dtype) if copy_in
-                         else torch.empty(tensor.shape, dtype=dtype)).contiguous()
+            self.work = (
+                tensor.detach().to("cpu", dtype) if copy_in else torch.empty(tensor.shape, dtype=dtype)
+            ).contiguous()
         self.direct = direct
 
     def buffer(self) -> list:
@@ -116,8 +158,7 @@ class _Staged:
     def finish(self) -> Tensor:
         if not self.direct:
             with torch.no_grad():
-                self.target.copy_(self.work.to(self.target.dtype) if self.target.dtype == torch.bool
-                                  else self.work)
+                self.target.copy_(self.work.to(self.target.dtype) if self.target.dtype == torch.bool else self.work)
         return self.target
 
 
@@ -152,7 +193,7 @@ class Handle:
         return self._result
 
 
-def _staged_for_reduction(tensor: Tensor, op: ReduceOpLike) -> tuple[str, "_Staged"]:
+def _staged_for_reduction(tensor: Tensor, op: ReduceOpLike) -> tuple[str, _Staged]:
     """The reduction's name and the tensor staged as an MPI buffer (dense tensors only)."""
     name = op_name(op)
     if tensor.is_sparse:
@@ -163,9 +204,9 @@ def _staged_for_reduction(tensor: Tensor, op: ReduceOpLike) -> tuple[str, "_Stag
 class Communicator:
     """Torch tensors over one MPI communicator (the whole job's by default)."""
 
-    def __init__(self, mpi_comm: Optional[Any] = None):
+    def __init__(self, mpi_comm: Any | None = None):
         self.mpi = mpi_comm if mpi_comm is not None else world().mpi
-        self._local: Optional[Communicator] = None
+        self._local: Communicator | None = None
 
     # ---- who is here -----------------------------------------------------------------
     @property
@@ -176,12 +217,12 @@ class Communicator:
     def size(self) -> int:
         return self.mpi.Get_size()
 
-    def split(self, color: int, key: Optional[int] = None) -> "Communicator":
+    def split(self, color: int, key: int | None = None) -> Communicator:
         """Sub-communicator of the ranks that pass the same ``color`` (ordered by ``key``)."""
         with watched("splitting the communicator"):
             return Communicator(self.mpi.Split(color, self.rank if key is None else key))
 
-    def local(self) -> "Communicator":
+    def local(self) -> Communicator:
         """Sub-communicator of the ranks on this host; made once, on first call.
 
         Hosts are told apart by name and network hardware addresses, not by MPI's shared-memory
@@ -216,7 +257,7 @@ class Communicator:
         size = self.size
         return Handle(request, lambda: self._reduced(staged, name, size), staged, "an allreduce")
 
-    def _reduced(self, staged: "_Staged", name: str, size: int) -> Tensor:
+    def _reduced(self, staged: _Staged, name: str, size: int) -> Tensor:
         """The reduced tensor, back in the caller's tensor (divided by ``size`` for a mean)."""
         result = staged.finish()
         return self._mean(result, size) if name == "mean" else result
@@ -319,21 +360,21 @@ class Communicator:
         padded[: header.numel()] = header
         return [self.isend(padded, dest, tag), self.isend(tensor.detach().contiguous(), dest, tag)]
 
-    def recv_tensor(self, source: int, tag: int, device: Optional[torch.device] = None) -> Tensor:
+    def recv_tensor(self, source: int, tag: int, device: torch.device | None = None) -> Tensor:
         header = torch.empty(_HEADER_WORDS, dtype=torch.int64)
         self.recv(header, source, tag)
         dtype, ndim = _DTYPE_CODES[int(header[0])], int(header[1])
-        tensor = torch.empty(tuple(int(n) for n in header[2:2 + ndim]), dtype=dtype, device=device)
+        tensor = torch.empty(tuple(int(n) for n in header[2 : 2 + ndim]), dtype=dtype, device=device)
         self.recv(tensor, source, tag)
         return tensor
 
-    def broadcast_tensor(self, tensor: Optional[Tensor], root: int) -> Tensor:
+    def broadcast_tensor(self, tensor: Tensor | None, root: int) -> Tensor:
         """Broadcast a tensor only ``root`` knows the shape of (others pass None)."""
         meta = self.broadcast_object((tensor.dtype, tuple(tensor.shape)) if self.rank == root else None, root)
         out = tensor.detach().contiguous() if self.rank == root else torch.empty(meta[1], dtype=meta[0])
         return self.broadcast(out, root)
 
-    def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Optional[tuple[int, int]]:
+    def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> tuple[int, int] | None:
         """(source, tag) of a message waiting to be received, or None (never blocks)."""
         status = mpi().Status()
         if self.mpi.Iprobe(source=source, tag=tag, status=status):
@@ -368,7 +409,7 @@ def wait_all(handles: list[Handle]) -> list:
     return [h.wait() for h in handles]
 
 
-_world: Optional[Communicator] = None
+_world: Communicator | None = None
 
 
 def world() -> Communicator:

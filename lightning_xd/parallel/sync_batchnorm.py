@@ -2,7 +2,7 @@
 
 Lightning's own plugin turns BatchNorm layers into ``torch.nn.SyncBatchNorm``, which needs a
 torch.distributed process group (and, on this torch, a GPU). :class:`MPISyncBatchNorm` is the same
-switch over our :class:`~lightning_xd.comm.Communicator`: ``apply(model)`` replaces every
+switch over our :class:`~lightning_xd.comm.communicator.Communicator`: ``apply(model)`` replaces every
 ``_BatchNorm`` (BatchNorm1d/2d/3d, torch's SyncBatchNorm, subclasses) by a layer that, in training,
 normalises with the statistics of the union of all ranks' batches, exactly as one BatchNorm on
 that union batch would; ``revert(model)`` puts the original modules back.
@@ -46,9 +46,10 @@ graphs differ (an unused parameter on one rank); on their own communicator they 
 mismatched. In eval mode, and on a communicator of one rank, the layer is a plain BatchNorm
 (``F.batch_norm``) and does not communicate.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from lightning.pytorch.plugins import LayerSync
@@ -57,7 +58,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from lightning_xd.comm import Communicator
+from lightning_xd.comm.communicator import Communicator
 from lightning_xd.errors import UserError
 
 
@@ -74,9 +75,17 @@ class _GlobalBatchNorm(torch.autograd.Function):
     """Batch normalisation with the statistics of every rank's batch (formulas: module docstring)."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
-                factor: float, comm: Communicator) -> Tensor:
+    def forward(
+        ctx,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        eps: float,
+        factor: float,
+        comm: Communicator,
+    ) -> Tensor:
         with torch.autocast(input.device.type, enabled=False):
             acc = _accumulation_dtype(input.dtype)
             channels = input.shape[1]
@@ -86,17 +95,24 @@ class _GlobalBatchNorm(torch.autograd.Function):
             if local_count > 0:
                 var, mean = torch.var_mean(x, dim=dims, correction=0)
                 mean64, var64 = mean.to("cpu", torch.float64), var.to("cpu", torch.float64)
-                sums = torch.cat([local_count * mean64, local_count * (var64 + mean64 * mean64),
-                                  torch.tensor([float(local_count)], dtype=torch.float64)])
+                sums = torch.cat(
+                    [
+                        local_count * mean64,
+                        local_count * (var64 + mean64 * mean64),
+                        torch.tensor([float(local_count)], dtype=torch.float64),
+                    ]
+                )
             else:  # an empty batch still takes part in the collective
                 sums = torch.zeros(2 * channels + 1, dtype=torch.float64)
             comm.allreduce(sums)
             count = float(sums[-1])
             if count <= 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, got {count:.0f} over "
-                                 f"all {comm.size} ranks (input size {tuple(input.shape)} on this one)")
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got {count:.0f} over "
+                    f"all {comm.size} ranks (input size {tuple(input.shape)} on this one)"
+                )
             mean64 = sums[:channels] / count
-            var64 = (sums[channels:2 * channels] / count - mean64 * mean64).clamp_(min=0)
+            var64 = (sums[channels : 2 * channels] / count - mean64 * mean64).clamp_(min=0)
             invstd64 = (var64 + eps).rsqrt()
             if running_mean is not None:
                 running_mean.mul_(1 - factor).add_((factor * mean64).to(running_mean))
@@ -129,8 +145,9 @@ class _GlobalBatchNorm(torch.autograd.Function):
             channels = mean.numel()
             mean_g, mean_gxh = totals[:channels] / ctx.count, totals[channels:] / ctx.count
             scale = invstd if weight is None else invstd * weight.to(acc)
-            grad_input = ((g - _per_channel(mean_g, g) - xh * _per_channel(mean_gxh, g))
-                          * _per_channel(scale, g)).to(input.dtype)
+            grad_input = ((g - _per_channel(mean_g, g) - xh * _per_channel(mean_gxh, g)) * _per_channel(scale, g)).to(
+                input.dtype
+            )
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -170,8 +187,16 @@ class MPISyncedBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         tracked = self.track_running_stats
-        return _GlobalBatchNorm.apply(input, self.weight, self.bias, self.running_mean if tracked else None,
-                                      self.running_var if tracked else None, self.eps, factor, comm)
+        return _GlobalBatchNorm.apply(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            self.eps,
+            factor,
+            comm,
+        )
 
     def plain(self) -> _BatchNorm:
         """The original BatchNorm module, holding this layer's current parameters, buffers and mode."""
@@ -200,8 +225,8 @@ class MPISyncBatchNorm(LayerSync):
 
     def __init__(self, communicator: Callable[[], Communicator]):
         self._communicator = communicator
-        self._source: Optional[Communicator] = None
-        self._channel: Optional[Communicator] = None
+        self._source: Communicator | None = None
+        self._channel: Communicator | None = None
 
     def channel(self) -> Communicator:
         """A duplicate of the current communicator, for the statistics alone (see the module docstring)."""
@@ -221,9 +246,11 @@ class MPISyncBatchNorm(LayerSync):
         converted = module
         if _replaces(module):
             if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
-                raise UserError(f"sync_batchnorm cannot convert the lazy BatchNorm {name or 'model'!r} before its "
-                                "first forward: give it num_features (nn.BatchNorm*d) or run one batch through it "
-                                "first")
+                raise UserError(
+                    f"sync_batchnorm cannot convert the lazy BatchNorm {name or 'model'!r} before its "
+                    "first forward: give it num_features (nn.BatchNorm*d) or run one batch through it "
+                    "first"
+                )
             converted = MPISyncedBatchNorm(module, self.channel)
         done[id(module)] = converted
         for child_name, child in _children(module):

@@ -26,17 +26,17 @@ parameter, as DDP does. Parameters whose ``requires_grad`` changes during traini
 Sparse gradients (``nn.Embedding(sparse=True)``) never enter a bucket: their indices and values
 are gathered from every rank and summed, so they stay sparse.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xd.comm import Communicator, Handle
+from lightning_xd.comm.communicator import Communicator, Handle
+from lightning_xd.comm.flat import FlatLayout
 from lightning_xd.errors import UserError
-from lightning_xd.flat import FlatLayout
 
 MB = 2**20
 DEFAULT_MAX_BUCKET_MB, DEFAULT_FIRST_BUCKET_MB, DEFAULT_MIN_BUCKET_MB = 25.0, 1.0, 1 / 16
@@ -48,7 +48,7 @@ class _Bucket:
     layout: FlatLayout
     flat: Tensor
     ready: set[int] = field(default_factory=set)  # ids of the parameters whose gradient is final
-    handle: Optional[Handle] = None
+    handle: Handle | None = None
 
     @property
     def complete(self) -> bool:
@@ -56,11 +56,15 @@ class _Bucket:
 
 
 def _sparse_parameters(module: nn.Module) -> set[int]:
-    return {id(p) for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
-            for p in m.parameters(recurse=False)}
+    return {
+        id(p)
+        for m in module.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+        for p in m.parameters(recurse=False)
+    }
 
 
-def bucket_limits(total_bytes: int, bucket_size_mb: Optional[float]) -> tuple[int, int]:
+def bucket_limits(total_bytes: int, bucket_size_mb: float | None) -> tuple[int, int]:
     """(first bucket, later buckets) in bytes: ``bucket_size_mb`` for both, or the default sizing."""
     if bucket_size_mb is not None:
         limit = max(1, int(bucket_size_mb * MB))
@@ -88,8 +92,14 @@ def reachable_parameters(outputs: Tensor) -> set[int]:
 class GradientBuckets:
     """Averages the gradients of ``module``'s parameters across ``comm`` after each backward."""
 
-    def __init__(self, module: nn.Module, comm: Communicator, bucket_size_mb: Optional[float] = None,
-                 find_unused_parameters: bool = False, overlap: bool = True):
+    def __init__(
+        self,
+        module: nn.Module,
+        comm: Communicator,
+        bucket_size_mb: float | None = None,
+        find_unused_parameters: bool = False,
+        overlap: bool = True,
+    ):
         self.module, self.comm = module, comm
         self.bucket_size_mb, self.find_unused_parameters, self.overlap = bucket_size_mb, find_unused_parameters, overlap
         self.enabled = True  # off while gradients accumulate over several batches
@@ -112,7 +122,7 @@ class GradientBuckets:
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._next = 0  # the next bucket to start: buckets start in order, whatever order they complete in
         self._used = torch.zeros(len(self.params), dtype=torch.int32)
-        self._used_handle: Optional[Handle] = None
+        self._used_handle: Handle | None = None
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient_ready) for p in self.params]
 
     def _plan(self, params: list[nn.Parameter]) -> list[_Bucket]:
@@ -136,7 +146,7 @@ class GradientBuckets:
         return self.enabled and self.comm.size > 1
 
     # ---- during backward ------------------------------------------------------------------------
-    def prepare_for_backward(self, loss: Optional[Tensor] = None) -> None:
+    def prepare_for_backward(self, loss: Tensor | None = None) -> None:
         """Before a backward whose gradients will be averaged: follow ``requires_grad`` changes and, with
         ``find_unused_parameters``, mark what ``loss`` cannot reach as ready (its gradient is final)."""
         if not self.active:
@@ -154,15 +164,17 @@ class GradientBuckets:
         if not self.active or not self.overlap:
             return
         self._mark_ready(param)
-        for bucket in self.buckets[:self._next]:  # MPI progresses non-blocking collectives only inside MPI calls
+        for bucket in self.buckets[: self._next]:  # MPI progresses non-blocking collectives only inside MPI calls
             bucket.handle.test()
 
     def _mark_ready(self, param: nn.Parameter) -> None:
         bucket = self._bucket_of[id(param)]
         if bucket.handle is not None:
-            raise UserError(f"parameter {self.names.get(id(param), tuple(param.shape))} got a second gradient after "
-                            "its bucket was sent in the same backward (a reentrant or repeated backward); call "
-                            "backward once per step, or accumulate under the strategy's block_backward_sync()")
+            raise UserError(
+                f"parameter {self.names.get(id(param), tuple(param.shape))} got a second gradient after "
+                "its bucket was sent in the same backward (a reentrant or repeated backward); call "
+                "backward once per step, or accumulate under the strategy's block_backward_sync()"
+            )
         bucket.ready.add(id(param))
         while self._next < len(self.buckets) and self.buckets[self._next].complete:
             self._launch(self.buckets[self._next])
@@ -171,8 +183,10 @@ class GradientBuckets:
     def _launch(self, bucket: _Bucket) -> None:
         for p in bucket.params:
             if p.grad is not None and p.grad.is_sparse:
-                raise UserError(f"parameter {self.names.get(id(p))} produced a sparse gradient outside "
-                                "nn.Embedding(sparse=True); it cannot be bucketed")
+                raise UserError(
+                    f"parameter {self.names.get(id(p))} produced a sparse gradient outside "
+                    "nn.Embedding(sparse=True); it cannot be bucketed"
+                )
         bucket.layout.pack([p.grad for p in bucket.params], out=bucket.flat)
         bucket.handle = self.comm.iallreduce(bucket.flat, "sum")
 
@@ -185,7 +199,7 @@ class GradientBuckets:
         if tuple(id(p) for p in self._trainable()) != self._planned:  # changed after prepare: no overlap this time
             self._drain()
             self._plan_for(self._trainable())
-        for bucket in self.buckets[self._next:]:
+        for bucket in self.buckets[self._next :]:
             self._launch(bucket)
         self._next = len(self.buckets)
         for i, p in enumerate(self.params):
@@ -216,23 +230,32 @@ class GradientBuckets:
         """Without ``find_unused_parameters`` every rank must have given every parameter a gradient."""
         if self.find_unused_parameters:
             return
-        missing = [(self.names.get(id(p), str(tuple(p.shape))), size - n) for p, n in zip(self.params, used) if n < size]
+        missing = [
+            (self.names.get(id(p), str(tuple(p.shape))), size - n) for p, n in zip(self.params, used) if n < size
+        ]
         if missing:
             shown = ", ".join(f"{name} (on {n} of {size} processes)" for name, n in missing[:3])
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise UserError(f"parameters got no gradient in this step: {shown}{more}; use them in the loss, freeze them "
-                            "(requires_grad=False), or pass find_unused_parameters=True to the strategy "
-                            "(--find-unused-parameters true), as with DDP")
+            raise UserError(
+                f"parameters got no gradient in this step: {shown}{more}; use them in the loss, freeze them "
+                "(requires_grad=False), or pass find_unused_parameters=True to the strategy "
+                "(--find-unused-parameters true), as with DDP"
+            )
 
     def _local_sparse(self, p: nn.Parameter) -> Tensor:
         if p.grad is not None:
             return p.grad
-        return torch.sparse_coo_tensor(torch.empty((1, 0), dtype=torch.long), torch.empty((0, *p.shape[1:])),
-                                       p.shape, dtype=p.dtype, device=p.device)
+        return torch.sparse_coo_tensor(
+            torch.empty((1, 0), dtype=torch.long),
+            torch.empty((0, *p.shape[1:])),
+            p.shape,
+            dtype=p.dtype,
+            device=p.device,
+        )
 
     def _drain(self) -> None:
         """Complete (and drop) the allreduces of the current plan already started, on every rank alike."""
-        for bucket in self.buckets[:self._next]:
+        for bucket in self.buckets[: self._next]:
             bucket.handle.wait()
         self._reset()
 

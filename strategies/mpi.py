@@ -8,12 +8,13 @@ MPI, so logged and torchmetrics epoch metrics cover the whole dataset on every r
 
 With ``--fault-tolerance ulfm`` (the default when train.py starts the job) a killed process is
 survived inside the job: the others shrink the communicator, redo the interrupted step and go on
-with the rest of the epoch re-sharded over them (``lightning_xd.recovery``).
+with the rest of the epoch re-sharded over them (``lightning_xd.fault_tolerance.recovery``).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
@@ -21,15 +22,15 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lightning_xd.collectives import MPICollectives, attach_metric_sync
-from lightning_xd import ulfm
-from lightning_xd.comm import Communicator, wait_all, world
-from lightning_xd.environment import MPIEnvironment, device_for
+from lightning_xd.comm import ulfm
+from lightning_xd.comm.collectives import MPICollectives, attach_metric_sync
+from lightning_xd.comm.communicator import Communicator, wait_all, world
+from lightning_xd.comm.environment import MPIEnvironment, device_for
 from lightning_xd.errors import UserError
-from lightning_xd.gradient_buckets import GradientBuckets
-from lightning_xd.recovery import InJobRecovery
-from lightning_xd.registry import STRATEGIES
-from lightning_xd.resumable import ResumableTrainingData
+from lightning_xd.fault_tolerance.recovery import InJobRecovery
+from lightning_xd.fault_tolerance.resumable import ResumableTrainingData
+from lightning_xd.launch.registry import STRATEGIES
+from lightning_xd.parallel.gradient_buckets import GradientBuckets
 
 
 @STRATEGIES.register("mpi", ulfm=True)
@@ -38,16 +39,23 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
 
     strategy_name = "mpi"
 
-    def __init__(self, bucket_size_mb: Optional[float] = None, find_unused_parameters: bool = False,
-                 overlap: bool = True, fault_tolerance: Optional[str] = None, collective_timeout: float = 300.0,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        bucket_size_mb: float | None = None,
+        find_unused_parameters: bool = False,
+        overlap: bool = True,
+        fault_tolerance: str | None = None,
+        collective_timeout: float = 300.0,
+        **kwargs: Any,
+    ):
         self.comm: Communicator = world()
         self.collective_comm: Communicator = self.comm
         environment = MPIEnvironment(self.comm)
-        super().__init__(parallel_devices=[device_for(environment.local_rank())],
-                         cluster_environment=environment, **kwargs)
+        super().__init__(
+            parallel_devices=[device_for(environment.local_rank())], cluster_environment=environment, **kwargs
+        )
         self.bucket_size_mb, self.find_unused_parameters, self.overlap = bucket_size_mb, find_unused_parameters, overlap
-        self.gradients: Optional[GradientBuckets] = None
+        self.gradients: GradientBuckets | None = None
         self._num_nodes_asked = environment.num_nodes
         self.enable_recovery(fault_tolerance, collective_timeout)
 
@@ -82,22 +90,26 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
         the job, not the Trainer, decides how many processes there are."""
         environment = self.cluster_environment
         if self._num_nodes_asked != environment.num_nodes:
-            raise UserError(f"Trainer(num_nodes={self._num_nodes_asked}) but this MPI job runs on "
-                            f"{environment.num_nodes} host(s); pass num_nodes={environment.num_nodes} (the job's "
-                            "hosts come from mpirun's hostfile or --nprocs)")
+            raise UserError(
+                f"Trainer(num_nodes={self._num_nodes_asked}) but this MPI job runs on "
+                f"{environment.num_nodes} host(s); pass num_nodes={environment.num_nodes} (the job's "
+                "hosts come from mpirun's hostfile or --nprocs)"
+            )
         # Lightning resolves devices="auto" to the accelerator's device count before we see it: that value
         # cannot be told from the same number given explicitly, and is taken as "whatever the job has".
         connector = trainer._accelerator_connector
         devices = connector._devices_flag
         asked = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
         if asked not in (-1, connector.accelerator.auto_device_count(), environment.local_size):
-            raise UserError(f"Trainer(devices={devices!r}) but this MPI job runs {environment.local_size} "
-                            f"process(es) on this host, one device each; pass devices={environment.local_size} "
-                            "or devices='auto', and choose the processes with mpirun -np / --nprocs")
+            raise UserError(
+                f"Trainer(devices={devices!r}) but this MPI job runs {environment.local_size} "
+                f"process(es) on this host, one device each; pass devices={environment.local_size} "
+                "or devices='auto', and choose the processes with mpirun -np / --nprocs"
+            )
 
     def setup(self, trainer) -> None:
         if self._layer_sync is not None and trainer.state.fn == TrainerFn.FITTING:
-            from lightning_xd.sync_batchnorm import MPISyncBatchNorm
+            from lightning_xd.parallel.sync_batchnorm import MPISyncBatchNorm
 
             # Lightning hands us its torch.distributed SyncBatchNorm, which needs a process group (and a GPU)
             self._layer_sync = MPISyncBatchNorm(lambda: self.replicas)
@@ -109,10 +121,11 @@ class MPIAllReduceStrategy(InJobRecovery, ResumableTrainingData, MPICollectives,
         if trainer.state.fn == TrainerFn.FITTING:
             self.gradients = self.gradient_sync()
 
-    def gradient_sync(self) -> Optional[GradientBuckets]:
+    def gradient_sync(self) -> GradientBuckets | None:
         """What averages gradients after backward: the bucketed, overlapped allreduce."""
-        return GradientBuckets(self.model, self.replicas, self.bucket_size_mb, self.find_unused_parameters,
-                               self.overlap)
+        return GradientBuckets(
+            self.model, self.replicas, self.bucket_size_mb, self.find_unused_parameters, self.overlap
+        )
 
     def metric_sync_guard(self):
         """A metric's gather is watched like any collective; a process lost there (during validation or

@@ -9,13 +9,13 @@ signal, the case MPI does not detect), ``hang`` (stop responding), ``during-chec
 between writing a checkpoint and committing it). A fault fires in the first attempt only, so a
 supervised restart is not killed again.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from lightning.pytorch import Callback
 
@@ -28,8 +28,8 @@ MODES = ("kill", "exit", "hang", "during-checkpoint")
 class Fault:
     mode: str
     rank: int
-    step: Optional[int] = None
-    batch: Optional[int] = None
+    step: int | None = None
+    batch: int | None = None
 
     def due(self, trainer) -> bool:
         if self.batch is not None:
@@ -38,7 +38,7 @@ class Fault:
 
 
 def parse_fault(spec: str) -> Fault:
-    """"kill:rank=1,step=20" -> Fault("kill", 1, 20)."""
+    """ "kill:rank=1,step=20" -> Fault("kill", 1, 20)."""
     mode, _, rest = spec.partition(":")
     try:
         fields = dict(part.split("=") for part in rest.split(",") if part)
@@ -47,8 +47,9 @@ def parse_fault(spec: str) -> Fault:
         at = {k: int(fields[k]) for k in ("step", "batch") if k in fields}
         fault = Fault(mode, int(fields.get("rank", 0)), **at)
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"--inject-fault {spec!r} should look like kill:rank=1,step=20 (or batch=N "
-                        "instead of step=S)") from None
+        raise UserError(
+            f"--inject-fault {spec!r} should look like kill:rank=1,step=20 (or batch=N instead of step=S)"
+        ) from None
     if mode not in MODES:
         raise UserError(f"--inject-fault mode {mode!r} unknown; use one of {', '.join(MODES)}")
     return fault
@@ -83,5 +84,6 @@ class FaultInjector(Callback):
         io = trainer.strategy.checkpoint_io
         io = getattr(io, "checkpoint_io", None) or io  # inside Lightning's AsyncCheckpointIO
         if hasattr(io, "before_commit"):
-            io.before_commit = lambda step: (self._mine(trainer) and step >= (self.fault.step or 0)
-                                             and fail_now(self.fault.mode))
+            io.before_commit = lambda step: (
+                self._mine(trainer) and step >= (self.fault.step or 0) and fail_now(self.fault.mode)
+            )

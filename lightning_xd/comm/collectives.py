@@ -4,15 +4,17 @@ Without an initialised ``torch.distributed``, Lightning's defaults silently retu
 value, so ``self.log(..., sync_dist=True)`` and torchmetrics would report one rank's share of the
 data. Every MPI strategy mixes this in and points ``self.comm`` at its communicator.
 """
+
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xd.comm import Communicator
+from lightning_xd.comm.communicator import Communicator
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -29,8 +31,12 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return summed[ctx.comm.rank], None
 
 
-def attach_metric_sync(module: nn.Module, comm: Communicator, available: Callable[[], bool],
-                       guard: Callable[[], ContextManager] = nullcontext) -> None:
+def attach_metric_sync(
+    module: nn.Module,
+    comm: Communicator,
+    available: Callable[[], bool],
+    guard: Callable[[], AbstractContextManager] = nullcontext,
+) -> None:
     """Make every torchmetrics Metric in ``module`` gather its state over ``comm`` on compute(),
     whenever ``available()`` says the ranks can meet in a collective; each gather runs inside
     ``guard()`` (a watchdog that turns a hang into a failure)."""
@@ -67,7 +73,7 @@ class MPICollectives:
     comm: Communicator
     collective_comm: Communicator
 
-    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
         """Reduce over the ranks. Accepts "mean"/"sum"/"max"/"min" and torch's ReduceOp (Lightning passes both)."""
         if not isinstance(tensor, Tensor):
             tensor = torch.tensor(tensor, device=self.root_device)
@@ -78,7 +84,7 @@ class MPICollectives:
         votes = int(self.comm.allreduce(torch.tensor([int(decision)]), "sum"))
         return votes == self.comm.size if all else votes > 0
 
-    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         """Stack every rank's ``tensor`` (same shape on each) along a new first dimension."""
         if sync_grads:
             return _AllGatherWithGrad.apply(tensor, self.collective_comm)
@@ -92,5 +98,5 @@ class MPICollectives:
         """One object per process of the whole job, in rank order."""
         return self.comm.allgather_object(obj)
 
-    def barrier(self, name: Optional[str] = None) -> None:
+    def barrier(self, name: str | None = None) -> None:
         self.comm.barrier()

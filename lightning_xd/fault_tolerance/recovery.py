@@ -23,20 +23,22 @@ A process that hangs, or leaves without MPI noticing, is handled by the watchdog
 it ends the job for the supervisor. Manual optimization is not redone in the job (its steps are the
 module's own): a lost process ends such a job, for the supervisor to restart it from a checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_xd import comm as comm_layer
-from lightning_xd import ulfm
-from lightning_xd.resumable import ResumableLoader, training_loader
+from lightning_xd.comm import communicator as comm_layer
+from lightning_xd.comm import ulfm
+from lightning_xd.fault_tolerance.resumable import ResumableLoader, training_loader
 
 T = TypeVar("T")
 
@@ -44,13 +46,15 @@ T = TypeVar("T")
 class InJobRecovery:
     supports_ulfm = True
 
-    def enable_recovery(self, fault_tolerance: Optional[str], collective_timeout: float) -> None:
+    def enable_recovery(self, fault_tolerance: str | None, collective_timeout: float) -> None:
         """``fault_tolerance``: "ulfm", "none", or None for "ulfm when the job was started with it"."""
         wanted = (fault_tolerance or ("ulfm" if ulfm.available() else "none")) == "ulfm"
         self.ulfm = wanted and self.supports_ulfm and ulfm.available() and self.comm.size > 1
         if fault_tolerance == "ulfm" and self.supports_ulfm and self.comm.size > 1 and not ulfm.available():
-            rank_zero_warn("fault_tolerance='ulfm' is off: the job was not started with `mpirun --with-ft ulfm` "
-                           "(train.py --nprocs does that); a lost process ends the job")
+            rank_zero_warn(
+                "fault_tolerance='ulfm' is off: the job was not started with `mpirun --with-ft ulfm` "
+                "(train.py --nprocs does that); a lost process ends the job"
+            )
         self.watchdog = ulfm.Watchdog(collective_timeout) if self.ulfm else None
         self.recoveries: list[dict[str, Any]] = []
         self._in_step = False  # inside an optimizer step's attempt: a failure is the step's to handle
@@ -63,8 +67,10 @@ class InJobRecovery:
         """Called at setup: steps a module takes itself (manual optimization) cannot be redone here."""
         if self.ulfm and not module.automatic_optimization:
             self.ulfm = False
-            rank_zero_warn("in-job recovery redoes automatic optimization steps only; with manual optimization a lost "
-                           "process ends the job (--max-restarts restarts it from its last checkpoint)")
+            rank_zero_warn(
+                "in-job recovery redoes automatic optimization steps only; with manual optimization a lost "
+                "process ends the job (--max-restarts restarts it from its last checkpoint)"
+            )
 
     def stop_recovery(self) -> None:
         if self.watchdog is not None:
@@ -185,13 +191,22 @@ class InJobRecovery:
         self.use_communicator(survivors)
         self._reshard_after_failure(trainer)
         trainer.fit_loop.epoch_loop.val_loop._combined_loader = None  # next validation: over the survivors
-        event = {"global_step": trainer.global_step, "lost_ranks": lost, "world_before": before,
-                 "world_after": survivors.size, "seconds": time.perf_counter() - started,
-                 "time": time.time(), "padded_samples": self._padding_now()}
+        event = {
+            "global_step": trainer.global_step,
+            "lost_ranks": lost,
+            "world_before": before,
+            "world_after": survivors.size,
+            "seconds": time.perf_counter() - started,
+            "time": time.time(),
+            "padded_samples": self._padding_now(),
+        }
         self.recoveries.append(event)
         if self.is_global_zero:
-            print(f"recovered from the loss of rank(s) {lost} at step {event['global_step']} in "
-                  f"{event['seconds']:.2f} s; going on with {survivors.size} processes", flush=True)
+            print(
+                f"recovered from the loss of rank(s) {lost} at step {event['global_step']} in "
+                f"{event['seconds']:.2f} s; going on with {survivors.size} processes",
+                flush=True,
+            )
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"fault/world_size": survivors.size}, step=trainer.global_step)
 
@@ -212,7 +227,7 @@ class InJobRecovery:
         loader = self._loader()
         return loader.padding if loader is not None and not loader.window_stale and not self._in_step else 0
 
-    def _loader(self) -> Optional[ResumableLoader]:
+    def _loader(self) -> ResumableLoader | None:
         module = self.lightning_module
         return training_loader(module.trainer) if module is not None and module._trainer is not None else None
 
@@ -230,13 +245,21 @@ class InJobRecovery:
         return self.with_recovery(lambda: super(InJobRecovery, self).broadcast(obj, src), "broadcast")
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        return self.with_recovery(lambda: super(InJobRecovery, self).reduce_boolean_decision(decision, all),
-                                  "a decision")
+        return self.with_recovery(
+            lambda: super(InJobRecovery, self).reduce_boolean_decision(decision, all), "a decision"
+        )
 
     def barrier(self, name: Any = None) -> None:
         self.with_recovery(lambda: super(InJobRecovery, self).barrier(name), f"barrier {name or ''}")
 
     def recovery_metrics(self) -> dict[str, Any]:
         events = getattr(self, "recoveries", [])
-        return {"fault/recoveries": len(events), "fault/recovery_events": events,
-                "fault/recovery_s_mean": sum(e["seconds"] for e in events) / max(1, len(events))} if events else {}
+        return (
+            {
+                "fault/recoveries": len(events),
+                "fault/recovery_events": events,
+                "fault/recovery_s_mean": sum(e["seconds"] for e in events) / max(1, len(events)),
+            }
+            if events
+            else {}
+        )

@@ -39,18 +39,19 @@ still applied, then every other worker is told to stop.
 
 Optional delay compensation (DC-ASGD, Zheng et al. 2017): g + lambda * g * g * (w_now - w_pulled).
 """
+
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xd.comm import Communicator
-from lightning_xd.flat import FlatLayout
+from lightning_xd.comm.communicator import Communicator
+from lightning_xd.comm.flat import FlatLayout
 
 SERVER = 0
 TAG_HEADER, TAG_PAYLOAD, TAG_REPLY, TAG_REPLY_PAYLOAD = 101, 102, 103, 104
@@ -75,8 +76,12 @@ class ParameterSet:
         self.counters = [b for b in module.buffers() if not b.is_floating_point()]
         self.state = FlatLayout(self.params + self.buffers)
         self.counter_layout = FlatLayout(self.counters) if self.counters else None
-        sparse_ids = {id(p) for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-                      and m.sparse for p in m.parameters(recurse=False)}
+        sparse_ids = {
+            id(p)
+            for m in module.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+            for p in m.parameters(recurse=False)
+        }
         self.groups = [[p for g in opt.param_groups for p in g["params"]] for opt in optimizers]
         self.dense = [[p for p in group if id(p) not in sparse_ids] for group in self.groups]
         self.sparse = [[p for p in group if id(p) in sparse_ids] for group in self.groups]
@@ -89,10 +94,10 @@ class ParameterSet:
     def load_state(self, flat: Tensor) -> None:
         self.state.unpack(flat, [p.data for p in self.params] + self.buffers)
 
-    def pack_counters(self) -> Optional[Tensor]:
+    def pack_counters(self) -> Tensor | None:
         return self.counter_layout.pack(self.counters) if self.counter_layout is not None else None
 
-    def load_counters(self, flat: Optional[Tensor]) -> None:
+    def load_counters(self, flat: Tensor | None) -> None:
         if flat is not None:
             self.counter_layout.unpack(flat, self.counters)
 
@@ -109,11 +114,11 @@ class Gradient:
     version: int
     optimizer: int
     loss: float
-    dense: Optional[Tensor]
-    present: Optional[Tensor]  # which dense parameters have a gradient (1) or none (0)
+    dense: Tensor | None
+    present: Tensor | None  # which dense parameters have a gradient (1) or none (0)
     sparse: list[tuple[Tensor, Tensor]]
-    buffers: Optional[Tensor]
-    counters: Optional[Tensor]  # how far the integer buffers moved during the computation
+    buffers: Tensor | None
+    counters: Tensor | None  # how far the integer buffers moved during the computation
     applied: bool = True  # False: the worker's step ended without a gradient (SKIPPED)
 
 
@@ -124,7 +129,7 @@ class WorkerClient:
         self.comm, self.params = comm, params
         self.version = -1
         self.stopped = False  # the server said stop, or we left: nothing more may be sent
-        self.pulled_counters: Optional[Tensor] = None
+        self.pulled_counters: Tensor | None = None
 
     def _send_header(self, kind: float, a: float, b: float, loss: float = 0.0) -> None:
         self.comm.send(torch.tensor([kind, a, b, loss, 0.0], dtype=torch.float64), SERVER, TAG_HEADER)
@@ -156,8 +161,7 @@ class WorkerClient:
         if p.dense_layouts[optimizer] is not None:
             present = torch.tensor([q.grad is not None for q in p.dense[optimizer]], dtype=torch.uint8)
             self.comm.send(present, SERVER, TAG_PAYLOAD)
-            self.comm.send(p.dense_layouts[optimizer].pack([q.grad for q in p.dense[optimizer]]), SERVER,
-                           TAG_PAYLOAD)
+            self.comm.send(p.dense_layouts[optimizer].pack([q.grad for q in p.dense[optimizer]]), SERVER, TAG_PAYLOAD)
         for q in p.sparse[optimizer]:
             grad = q.grad.coalesce() if q.grad is not None else None
             indices = grad.indices()[0].contiguous() if grad is not None else torch.empty(0, dtype=torch.long)
@@ -193,7 +197,7 @@ class ServerStats:
     losses: list[float] = field(default_factory=list)
     skipped: int = 0  # steps that ended without a gradient
     started: float = field(default_factory=time.perf_counter)
-    finished: Optional[float] = None
+    finished: float | None = None
 
     @property
     def updates_per_s(self) -> float:
@@ -202,10 +206,14 @@ class ServerStats:
 
     def summary(self) -> dict:
         hist = Counter(self.staleness)
-        return {"staleness_mean": sum(self.staleness) / max(1, len(self.staleness)),
-                "staleness_max": max(self.staleness, default=0),
-                "staleness_histogram": {str(k): hist[k] for k in sorted(hist)},
-                "updates": len(self.staleness), "skipped_steps": self.skipped, "updates_per_s": self.updates_per_s}
+        return {
+            "staleness_mean": sum(self.staleness) / max(1, len(self.staleness)),
+            "staleness_max": max(self.staleness, default=0),
+            "staleness_histogram": {str(k): hist[k] for k in sorted(hist)},
+            "updates": len(self.staleness),
+            "skipped_steps": self.skipped,
+            "updates_per_s": self.updates_per_s,
+        }
 
 
 class ParameterServer:
@@ -215,9 +223,17 @@ class ParameterServer:
     computations finished, applied or skipped (the run's global step: epochs and limits count these).
     """
 
-    def __init__(self, comm: Communicator, params: ParameterSet, optimizers: Sequence[torch.optim.Optimizer],
-                 max_staleness: int, delay_compensation: float = 0.0, version: int = 0, steps: Optional[int] = None,
-                 after_step: Optional[Callable[["ParameterServer", Gradient], None]] = None):
+    def __init__(
+        self,
+        comm: Communicator,
+        params: ParameterSet,
+        optimizers: Sequence[torch.optim.Optimizer],
+        max_staleness: int,
+        delay_compensation: float = 0.0,
+        version: int = 0,
+        steps: int | None = None,
+        after_step: Callable[[ParameterServer, Gradient], None] | None = None,
+    ):
         self.comm, self.params, self.optimizers = comm, params, list(optimizers)
         self.max_staleness, self.delay_compensation = max_staleness, delay_compensation
         self.version = version
@@ -228,7 +244,7 @@ class ParameterServer:
         self.sent_state: dict[int, Tensor] = {}  # worker -> parameters it computes on (delay compensation)
         self.waiting: deque[int] = deque()
         self.stopped: set[int] = set()
-        self.limit: Optional[float] = None
+        self.limit: float | None = None
         self.steps_per_epoch = 0
         self.epochs_finished = 0  # where the workers count epochs: the most any finished worker did
         self.stats = ServerStats()
@@ -266,7 +282,7 @@ class ParameterServer:
         status = self.comm.recv(header, tag=TAG_HEADER)
         return header, status.Get_source()
 
-    def _receive_gradient(self) -> Optional[Gradient]:
+    def _receive_gradient(self) -> Gradient | None:
         """The next worker's gradient (or SKIPPED); None when the message was a worker leaving."""
         header, worker = self._receive_header()
         kind, version, optimizer, loss = float(header[0]), int(header[1]), int(header[2]), float(header[3])
