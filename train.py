@@ -13,7 +13,6 @@ from lightning_xd.errors import UserError
 from lightning_xd.fault_tolerance.supervisor import Supervisor
 from lightning_xd.launch import cli, runner
 from lightning_xd.launch.launcher import in_mpi_job
-from lightning_xd.launch.registry import STRATEGIES
 
 
 def main(argv=None) -> int:
@@ -30,11 +29,6 @@ def main(argv=None) -> int:
         starts_processes = not in_mpi_job() and os.environ.get("XD_SUPERVISED") != "1"
         if starts_processes and (args.nprocs > 1 or args.max_restarts > 0):
             settings = runner.check(args)
-            ulfm = (
-                args.fault_tolerance == "ulfm"
-                and args.nprocs > 1
-                and STRATEGIES.get(args.strategy).defaults.get("ulfm", False)
-            )
             return Supervisor(
                 __file__,
                 argv,
@@ -44,7 +38,7 @@ def main(argv=None) -> int:
                 args.launch_agent,
                 args.max_restarts,
                 args.min_nprocs,
-                ulfm,
+                runner.in_job_recovery(args),
             ).run()
         runner.run(args)
         return 0

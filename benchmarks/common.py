@@ -9,7 +9,6 @@ scripts' ``run(args)`` inside one job, so that each pays MPI and torch start-up 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -69,7 +68,7 @@ def main(
     """Measure inside an MPI job; outside one, re-run ``script`` under mpirun with the same flags."""
     argv = sys.argv[1:]
     args = parse_args(argv)
-    from lightning_xd.launch.launcher import in_mpi_job
+    from lightning_xd.comm.environment import in_mpi_job
 
     try:
         if in_mpi_job():
@@ -155,13 +154,9 @@ def machine_line(info: dict) -> str:
 
 def write_results(results_dir: str | Path, name: str, content: dict) -> Path:
     """``<results_dir>/<name>.json``, written atomically: a reader never sees half a file."""
-    folder = Path(results_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True, allow_nan=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    from lightning_xd.files import write_json_atomically
+
+    return write_json_atomically(Path(results_dir) / f"{name}.json", content)
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Training runs inside one MPI job, built from the registry the way train.py builds them.
+"""Training runs inside one MPI job, built by train.py's own functions (``lightning_xd.launch.runner``).
 
 A benchmark process builds one Trainer after another (one strategy, then the next), so a
 comparison pays MPI and torch start-up once and every strategy runs on the same processes,
@@ -10,10 +10,8 @@ callback asks; a training step does what train.py's does and nothing else.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -25,7 +23,8 @@ import lightning_xd.models  # noqa: F401
 import lightning_xd.strategies  # noqa: F401
 from benchmarks import common
 from lightning_xd.comm.communicator import world
-from lightning_xd.launch.registry import DATAMODULES, MODELS, STRATEGIES
+from lightning_xd.launch import runner
+from lightning_xd.launch.registry import MODELS
 
 T = TypeVar("T")
 _RELEASE_TAG = 4242
@@ -33,9 +32,7 @@ _RELEASE_TAG = 4242
 
 def quiet() -> None:
     """Lightning's advice and warnings, printed by every rank for every Trainer, would drown the figures."""
-    warnings.simplefilter("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    runner.quiet()
 
 
 _PLACED_ON = frozenset(os.sched_getaffinity(0))  # the cores mpirun bound this process to
@@ -74,36 +71,27 @@ class Workload:
         )
 
     def prepare(self) -> None:
-        """Check, download and cache the data: once per host, before any rank reads it."""
-        comm = world()
-        if comm.local().rank == 0:
-            DATAMODULES.build(self.data, self.settings).prepare_data()
-        comm.barrier()
+        """Check, download and cache the data: once per host, before any rank reads it (every rank calls it)."""
+        from lightning_xd.launch.registry import DATAMODULES
+
+        runner.prepare_data_once_per_host(DATAMODULES.build(self.data, self.settings))
 
     def build(self, strategy: str, **strategy_settings: Any) -> tuple[Any, Any, Any]:
-        """Datamodule, model and strategy, in train.py's order, from the same seed every time."""
-        from lightning.pytorch import seed_everything
-
-        seed_everything(self.seed, workers=True, verbose=False)
-        datamodule = DATAMODULES.build(self.data, self.settings)
-        built_strategy = STRATEGIES.build(strategy, {**self.settings, **strategy_settings})
-        model = MODELS.build(self.model, self.settings, **datamodule.model_kwargs())
-        return datamodule, model, built_strategy
+        """Datamodule, model and strategy as train.py builds them, from the same seed every time (the
+        data prepared before, by ``prepare``: a rank that runs alone could not wait for the others)."""
+        return runner.build_pieces(
+            self.model, self.data, strategy, self.settings, self.seed, strategy_settings, prepare=False
+        )
 
 
 def trainer(strategy, max_steps: int = -1, callbacks: Sequence = (), plugins: Sequence = (), **overrides: Any):
-    """A lean Trainer (``overrides``: any Trainer argument, ``limit_val_batches=1.0`` to validate)."""
-    from lightning.fabric.plugins.environments import LightningEnvironment
+    """A lean Trainer, placed as train.py places it (``overrides``: any Trainer argument,
+    ``limit_val_batches=1.0`` to validate)."""
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import Checkpoint
 
-    # As in train.py: a strategy without an environment gets one, so Lightning never probes for MPI.
-    environment = [] if getattr(strategy, "cluster_environment", None) is not None else [LightningEnvironment()]
     options = dict(
-        accelerator=strategy.root_device.type,
-        strategy=strategy,
-        num_nodes=getattr(strategy, "num_nodes", 1),
-        plugins=[*environment, *plugins],
+        **runner.trainer_placement(strategy, plugins),
         max_epochs=-1,
         max_steps=max_steps,
         logger=False,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ if __name__ == "__main__":  # the repository first: benchmarks/strategies.py mus
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks import common  # noqa: E402
+from lightning_xd.comm.environment import is_first_process  # noqa: E402
 
 BENCHMARKS = ("allreduce", "strategies", "pipeline", "checkpoint", "straggler")
 
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
         started = time.perf_counter()
         module.run(args)
         gc.collect()  # the previous benchmark's models and trainers go before the next one measures
-        if os.environ.get("OMPI_COMM_WORLD_RANK", "0") == "0":
+        if is_first_process():
             print(f"-- {module.__name__.split('.')[-1]} took {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -82,19 +82,15 @@ def parse_args(argv=None):
 
 
 def not_applicable(workload, name: str, nprocs: int):
-    """Why ``name`` cannot run ``workload`` on ``nprocs`` processes (the strategy's own check), or None."""
+    """Why ``name`` cannot run ``workload`` on ``nprocs`` processes (the strategy's own check, as
+    train.py asks it before starting a job), or None."""
     from lightning_xd.errors import UserError
-    from lightning_xd.launch.registry import DATAMODULES, MODELS, STRATEGIES, accepted_settings
+    from lightning_xd.launch.registry import DATAMODULES
+    from lightning_xd.launch.runner import check_strategy_settings
 
-    check = getattr(STRATEGIES.get(strategy_of(name)[0]).build, "check_settings", None)
-    if check is None:
-        return None
-    model = MODELS.build(
-        workload.model, workload.settings, **DATAMODULES.build(workload.data, workload.settings).model_kwargs()
-    )
-    fixed = {"nprocs": nprocs, "model": model}
+    datamodule = DATAMODULES.build(workload.data, workload.settings)
     try:
-        check(**fixed, **accepted_settings(check, workload.settings, exclude=fixed))
+        check_strategy_settings(strategy_of(name)[0], nprocs, workload.model, datamodule, workload.settings)
     except UserError as err:
         return str(err)
     return None
@@ -121,6 +117,7 @@ def measure(workload, name: str, args) -> dict:
     from benchmarks import harness
     from benchmarks import step_timer as st
     from lightning_xd.comm.communicator import world
+    from lightning_xd.contract import declared
 
     processes = 1 if name == "single" else world().size
     threads = harness.share_cores(alone=name == "single")
@@ -131,7 +128,7 @@ def measure(workload, name: str, args) -> dict:
     trainer = harness.fit(workload, strategy, steps, [timer], strategy_settings=settings)
     per_rank = [timer.steps] if processes == 1 else timer.gather()
     step_s = st.step_seconds(per_rank)
-    divisor = getattr(trainer.strategy, "stages", 1)
+    divisor = declared(trainer.strategy).batch_sharing_processes
     return {
         "samples_per_s": st.samples_per_s(per_rank, divisor),
         "step_s": step_s,
@@ -161,7 +158,8 @@ def compare(workload, args) -> dict:
     for repetition in range(args.repeats):
         for name in names[repetition % len(names) :] + names[: repetition % len(names)]:
             if name == "single":
-                runs[name].append(harness.on_first_rank(lambda: measure(workload, name, args)))  # noqa: B023 (called at once, inside the loop)
+                # B023: the lambda is called at once, inside the loop, so it sees this loop's name
+                runs[name].append(harness.on_first_rank(lambda: measure(workload, name, args)))  # noqa: B023
             else:
                 runs[name].append(measure(workload, name, args))
             if world().rank == 0:

@@ -424,9 +424,9 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
 
 
 def _job_rank_and_size() -> tuple[int, int] | None:
-    """Rank and size of the MPI job this process runs in, before a Trainer exists; None outside one."""
-    import os
+    """Rank and size of the MPI job this process runs in, before a Trainer exists; None outside one
+    (or where its launcher does not say how many processes it started)."""
+    from lightning_xd.comm.environment import rank_from_environment, size_from_environment
 
-    if "OMPI_COMM_WORLD_SIZE" not in os.environ:
-        return None
-    return int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    rank, size = rank_from_environment(), size_from_environment()
+    return None if rank is None or size is None else (rank, size)

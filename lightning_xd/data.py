@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from torch.utils.data import Dataset
 
 from lightning_xd.errors import DataError
+from lightning_xd.files import atomic_write
 
 if TYPE_CHECKING:
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -87,14 +88,11 @@ def download_missing(folder: Path, names: Iterable[str], base_url: str, what: st
     except OSError:
         raise DataError(f"{hint} (the folder is not writable, so they cannot be downloaded)") from None
     for name in missing:
-        tmp = folder / f".{name}.part"
         try:
-            with urllib.request.urlopen(f"{base_url}/{name}", timeout=timeout) as response:
-                tmp.write_bytes(response.read())
-        except Exception as err:  # no network, 404, timeout ...
-            tmp.unlink(missing_ok=True)
+            with atomic_write(folder / name) as tmp, urllib.request.urlopen(f"{base_url}/{name}", timeout=timeout) as r:
+                tmp.write_bytes(r.read())
+        except Exception as err:  # no network, 404, timeout ... (the partial file is gone)
             raise DataError(f"{hint} (download from {base_url} failed: {type(err).__name__})") from None
-        os.replace(tmp, folder / name)
 
 
 def load_or_build(cache_file: Path, build, what: str):
@@ -107,10 +105,8 @@ def load_or_build(cache_file: Path, build, what: str):
         except Exception:  # a damaged cache entry is rebuilt, not trusted
             cache_file.unlink(missing_ok=True)
     content = build()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-    torch.save(content, tmp)
-    os.replace(tmp, cache_file)
+    with atomic_write(cache_file) as tmp:
+        torch.save(content, tmp)
     return content
 
 

@@ -3,20 +3,17 @@ the first process only: the other ranks of a job wait at a barrier meanwhile."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
+
+from lightning_xd.comm.environment import is_first_process
 
 T = TypeVar("T")
 
 
-def _is_first_process() -> bool:
-    return os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0")) == "0"
-
-
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate over ``items`` with a Rich progress bar (on the first process only)."""
-    if not _is_first_process():
+    if not is_first_process():
         yield from items
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

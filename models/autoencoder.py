@@ -44,12 +44,12 @@ class ScoreMetrics(nn.Module):
         self.mse_normal.update(score, weight=(~anomalous).float())
         self.mse_anomalous.update(score, weight=anomalous.float())
 
-    def named(self, stage: str) -> dict:
+    def named(self, split: str) -> dict:
         return {
-            f"{stage}/auroc": self.auroc,
-            f"{stage}/mse": self.mse,
-            f"{stage}/mse_normal": self.mse_normal,
-            f"{stage}/mse_anomalous": self.mse_anomalous,
+            f"{split}/auroc": self.auroc,
+            f"{split}/mse": self.mse,
+            f"{split}/mse_normal": self.mse_normal,
+            f"{split}/mse_anomalous": self.mse_anomalous,
         }
 
 
@@ -78,10 +78,10 @@ class DenseAutoencoder(LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(beats))
         return loss
 
-    def _score(self, batch, stage: str) -> None:
+    def _score(self, batch, split: str) -> None:
         beats, classes = batch
-        self.scores[stage].update(self.anomaly_score(beats), classes != self.hparams.normal_class)
-        self.log_dict(self.scores[stage].named(stage), batch_size=len(beats), prog_bar=stage == "val")
+        self.scores[split].update(self.anomaly_score(beats), classes != self.hparams.normal_class)
+        self.log_dict(self.scores[split].named(split), batch_size=len(beats), prog_bar=split == "val")
 
     def validation_step(self, batch, batch_idx):
         self._score(batch, "val")

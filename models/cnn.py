@@ -1,26 +1,26 @@
 """Small residual CNN of conv-BN-ReLU blocks for CIFAR-10, trained from scratch.
 
 A ResNet-9-like layout (Page's DAWNBench net) with widths w, 2w, 4w, 4w instead of w .. 8w, so that
-its four pipeline stages hold similar numbers of parameters. SGD with Nesterov momentum, weight
+its four blocks hold similar numbers of parameters. SGD with Nesterov momentum, weight
 decay, a one-cycle learning rate and label smoothing; cross-entropy loss; accuracy.
 Reference: ~75-80% test accuracy for a small CNN with batch norm and crop/flip augmentation
 (the PyTorch "blitz" CNN without them: ~54%). Trained on the 9,000 of our 10,000 training images
 left after validation, this net's measured result is in its worked example's README.
 
-Pipeline contract: ``pipeline_stages()`` are the four stages in order, each called as
-``stage(h, batch)``; ``pipeline_input(batch)`` the images; ``pipeline_loss`` the loss and metrics.
-The training, validation and test steps run through exactly these.
+Pipeline contract (``lightning_xd.models.pipelined``): ``pipeline_blocks()`` are the four blocks in order, each
+called as ``block(h, batch)``; ``pipeline_input(batch)`` the images; ``pipeline_loss`` the loss and
+metrics. The training, validation and test steps run through exactly these.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xd.launch.registry import MODELS
+from lightning_xd.models.pipelined import PipelinedModule, PlainBlock, run_blocks
 
 
 def conv_bn_relu(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
@@ -29,7 +29,7 @@ def conv_bn_relu(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
 
 
 class Residual(nn.Module):
-    """Two conv-BN-ReLU blocks with an identity shortcut."""
+    """Two conv-BN-ReLU layers with an identity shortcut."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -39,15 +39,8 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
-class Stage(nn.Sequential):
-    """Blocks run in order, called as ``stage(h, batch)``: a CNN stage needs nothing of the batch but h."""
-
-    def forward(self, h: torch.Tensor, batch=None) -> torch.Tensor:
-        return super().forward(h)
-
-
 @MODELS.register("cnn", data="cifar10", max_epochs=30)
-class CNN(LightningModule):
+class CNN(PipelinedModule):
     def __init__(
         self,
         num_classes: int,
@@ -60,62 +53,45 @@ class CNN(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         w1, w2, w3 = width, 2 * width, 4 * width
-        self.stages = nn.ModuleList(
+        self.blocks = nn.ModuleList(
             [
-                Stage(
+                PlainBlock(
                     conv_bn_relu(3, w1),
                     conv_bn_relu(w1, w2, pool=True),
                     Residual(w2),  # 32x32 -> 16x16
                     conv_bn_relu(w2, w3, pool=True),
                 ),  # -> 8x8
-                Stage(Residual(w3)),
-                Stage(conv_bn_relu(w3, w3, pool=True)),  # -> 4x4
-                Stage(Residual(w3), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes)),
+                PlainBlock(Residual(w3)),
+                PlainBlock(conv_bn_relu(w3, w3, pool=True)),  # -> 4x4
+                PlainBlock(Residual(w3), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes)),
             ]
         )
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
-    def pipeline_stages(self) -> list[nn.Module]:
-        return list(self.stages)
+    def pipeline_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
 
     def pipeline_input(self, batch) -> torch.Tensor:
         images, _ = batch
         return images
 
-    def pipeline_loss(self, output: torch.Tensor, batch, stage: str) -> torch.Tensor:
+    def pipeline_loss(self, output: torch.Tensor, batch, split: str) -> torch.Tensor:
         _, target = batch
         # label smoothing regularises training only; validation and test report the plain loss
-        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        smoothing = self.hparams.label_smoothing if split == "train" else 0.0
         loss = F.cross_entropy(output, target, label_smoothing=smoothing)
         n = target.numel()
-        accuracy = getattr(self, f"{stage}_acc")
+        accuracy = getattr(self, f"{split}_acc")
         accuracy(output, target)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=n)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
+        self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=split == "val", batch_size=n)
         return loss
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h = images
-        for stage in self.stages:
-            h = stage(h)
-        return h
-
-    def _step(self, batch, stage: str) -> torch.Tensor:
-        h = self.pipeline_input(batch)
-        for module in self.pipeline_stages():
-            h = module(h, batch)
-        return self.pipeline_loss(h, batch, stage)
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
+        """Logits of a batch of images (the blocks need nothing else of a batch)."""
+        return run_blocks(self.blocks, images, None)
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(

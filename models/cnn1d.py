@@ -137,13 +137,13 @@ class CNN1D(LightningModule):
         self.log("train/loss", loss / members, on_step=False, on_epoch=True, sync_dist=True, batch_size=target.numel())
         return loss
 
-    def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> None:
+    def _evaluate(self, batch, split: str, accuracy: MulticlassAccuracy) -> None:
         windows, target = batch
         with own_batch_statistics(self) if self.hparams.adapt_bn else nullcontext():
             logits = self(windows)
         accuracy(logits, target)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, target), sync_dist=True, batch_size=target.numel())
-        self.log(f"{stage}/acc", accuracy, prog_bar=stage == "val", batch_size=target.numel())
+        self.log(f"{split}/loss", F.cross_entropy(logits, target), sync_dist=True, batch_size=target.numel())
+        self.log(f"{split}/acc", accuracy, prog_bar=split == "val", batch_size=target.numel())
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val", self.val_acc)

@@ -6,9 +6,9 @@ Every metric is in the data's own units (Wh, degrees C): the datamodule gives th
 applied to the target (``target_mean``, ``target_std``, ``log_target``) and the model undoes it.
 The same errors of the persistence baseline, on the same windows, are reported beside the model's.
 
-Pipelined: one stage per LSTM layer (the first also projects the readings, the last also holds
-the head), so stages are balanced in parameters and in work; the steps below run the stages in
-order, the code path a pipeline strategy runs too.
+Pipelined (``lightning_xd.models.pipelined``): one block per LSTM layer (the first also projects the readings,
+the last also holds the head), so blocks are balanced in parameters and in work; the steps run the
+blocks in order, the code path a pipeline strategy runs too.
 
 Training errors are also kept "running": every training window is scored before the optimizer
 step that learns from it. On a stream replayed once (``prequential=True``, sensor-stream) that
@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
 from lightning_xd.launch.registry import MODELS
+from lightning_xd.models.pipelined import Block, PipelinedModule
 
 
 class InputProjection(nn.Module):
@@ -66,19 +66,6 @@ class ChangeFromLast(nn.Module):
         return batch["last"].unsqueeze(1) + self.linear(h[:, -1])
 
 
-class Stage(nn.Module):
-    """Consecutive parts run as one pipeline stage: ``stage(h, batch)``."""
-
-    def __init__(self, *parts: nn.Module):
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-
-    def forward(self, h: torch.Tensor, batch: dict) -> torch.Tensor:
-        for part in self.parts:
-            h = part(h, batch)
-        return h
-
-
 def error_metrics(prefix: str, postfix: str = "") -> MetricCollection:
     return MetricCollection(
         {"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()}, prefix=prefix, postfix=postfix
@@ -86,7 +73,7 @@ def error_metrics(prefix: str, postfix: str = "") -> MetricCollection:
 
 
 @MODELS.register("lstm", data="appliances", trains_on=("appliances", "sensor-stream"), max_epochs=10)
-class LSTMForecaster(LightningModule):
+class LSTMForecaster(PipelinedModule):
     def __init__(
         self,
         num_features: int,
@@ -107,52 +94,36 @@ class LSTMForecaster(LightningModule):
         parts = [[layer] for layer in layers]
         parts[0].insert(0, InputProjection(num_features, hidden_size))
         parts[-1].append(ChangeFromLast(hidden_size, horizon))
-        self.stages = nn.ModuleList(Stage(*p) for p in parts)
-        self.metrics = nn.ModuleDict({stage: error_metrics(f"{stage}/") for stage in ("val", "test")})
+        self.blocks = nn.ModuleList(Block(*p) for p in parts)
+        self.metrics = nn.ModuleDict({split: error_metrics(f"{split}/") for split in ("val", "test")})
         self.persistence_metrics = nn.ModuleDict(
-            {stage: error_metrics(f"{stage}/", "_persistence") for stage in ("val", "test")}
+            {split: error_metrics(f"{split}/", "_persistence") for split in ("val", "test")}
         )
         # never reset by Lightning: they run over the whole fit
         self.running_rmse = MeanSquaredError(squared=False)
         self.running_rmse_persistence = MeanSquaredError(squared=False)
 
     # --- pipeline contract -------------------------------------------------------------------
-    def pipeline_stages(self) -> list[nn.Module]:
-        return list(self.stages)
+    def pipeline_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
 
     def pipeline_input(self, batch: dict) -> torch.Tensor:
         return batch["window"]
 
-    def pipeline_loss(self, output: torch.Tensor, batch: dict, stage: str) -> torch.Tensor:
+    def pipeline_loss(self, output: torch.Tensor, batch: dict, split: str) -> torch.Tensor:
         loss = F.mse_loss(output, batch["target"])
         size = len(output)
         prediction, target = self.in_units(output), self.in_units(batch["target"])
         persistence = self.in_units(batch["last"]).unsqueeze(1).expand_as(target)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
-        if stage == "train":
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        if split == "train":
             self._log_running(prediction.detach(), persistence, target, size)
         else:
-            self.metrics[stage](prediction, target)
-            self.persistence_metrics[stage](persistence, target)
-            self.log_dict(self.metrics[stage], batch_size=size, prog_bar=stage == "val")
-            self.log_dict(self.persistence_metrics[stage], batch_size=size)
+            self.metrics[split](prediction, target)
+            self.persistence_metrics[split](persistence, target)
+            self.log_dict(self.metrics[split], batch_size=size, prog_bar=split == "val")
+            self.log_dict(self.persistence_metrics[split], batch_size=size)
         return loss
-
-    # --- one code path for every step ------------------------------------------------------
-    def forward(self, batch: dict) -> torch.Tensor:
-        h = self.pipeline_input(batch)
-        for stage in self.pipeline_stages():
-            h = stage(h, batch)
-        return h
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.pipeline_loss(self(batch), batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.pipeline_loss(self(batch), batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.pipeline_loss(self(batch), batch, "test")
 
     # --- units and running errors ----------------------------------------------------------
     def in_units(self, scaled: torch.Tensor) -> torch.Tensor:

@@ -4,14 +4,16 @@ training loader that can resume mid-epoch."""
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_xd.comm.environment import device_for
+from lightning_xd.contract import StrategyContract
 from lightning_xd.fault_tolerance.resumable import ResumableTrainingData
 from lightning_xd.launch.registry import STRATEGIES
 
 
-class SingleProcessStrategy(ResumableTrainingData, SingleDeviceStrategy):
+@STRATEGIES.register("single")
+class SingleProcessStrategy(StrategyContract, ResumableTrainingData, SingleDeviceStrategy):
     """SingleDeviceStrategy whose training data resumes where a checkpoint left it."""
 
+    max_processes = 1
 
-@STRATEGIES.register("single", max_nprocs=1)
-def single_device() -> SingleProcessStrategy:
-    return SingleProcessStrategy(device=device_for(0))
+    def __init__(self) -> None:
+        super().__init__(device=device_for(0))

@@ -1,8 +1,8 @@
 """Several ``train.py`` runs in one process (or one MPI job), for tests that would otherwise start
 one ~9 s process (or a 12-20 s mpirun job) per run.
 
-    python batch_runs.py SPEC.json RESULTS.json            # world size 1
-    mpirun -np 2 python -m mpi4py batch_runs.py SPEC RESULTS  # every run with --nprocs 2 on the same ranks
+    python batch_runs.py --spec SPEC.json --results RESULTS.json            # world size 1
+    mpirun -np 2 python -m mpi4py batch_runs.py --spec SPEC --results RESULTS  # every run with --nprocs 2
 
 SPEC is a list of {"name": ..., "argv": [...]}; each argv goes through ``train.main`` in turn,
 its stdout and stderr captured, and a run that fails does not stop the others. The first
@@ -11,6 +11,7 @@ process writes {name: {"code", "output", "seconds"}} to RESULTS.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -67,4 +68,8 @@ def main(spec_path: str, results_path: str) -> None:
 
 if __name__ == "__main__":
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
-    main(sys.argv[1], sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec", required=True, help="the runs, as JSON")
+    parser.add_argument("--results", required=True, help="where the first process writes their outcomes")
+    args = parser.parse_args()
+    main(args.spec, args.results)

@@ -69,6 +69,48 @@ def one_line_error(capsys):
     return run
 
 
+@pytest.fixture
+def data_error(one_line_error, tmp_path):
+    """The one-line error of ``train.py --model MODEL ARGS`` on the data under ``data_dir``."""
+
+    def run(model: str, data_dir: Path, *args: str) -> str:
+        return one_line_error(
+            "--model", model, *args, "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache")
+        )
+
+    return run
+
+
+@pytest.fixture
+def bad_file_error(data_error, tmp_path, monkeypatch):
+    """The one-line error of ``train.py --model MODEL`` when its data is the one file ``relative`` of a data
+    dir (holding ``content``, or missing where ``content`` is None), with downloads off."""
+
+    def run(model: str, relative: str, content: str | None) -> str:
+        monkeypatch.setenv("XD_DOWNLOAD", "0")
+        path = tmp_path / "data" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is not None:
+            path.write_text(content)
+        return data_error(model, tmp_path / "data")
+
+    return run
+
+
+def ready_datamodule(datamodule_class, data_dir: Path, tmp_path: Path, **options):
+    """``datamodule_class(data_dir, cache)`` prepared and set up, outside any Trainer."""
+    datamodule = datamodule_class(str(data_dir), str(tmp_path / "cache"), **options)
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
+
+
+def run_alone(script: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python tests/mpi_scripts/SCRIPT ARGS`` without mpirun (an MPI singleton: world size 1) in ``cwd``."""
+    cmd = [sys.executable, str(REPO / "tests" / "mpi_scripts" / script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout)
+
+
 def run_mpi(
     n: int,
     script: str,
@@ -99,13 +141,14 @@ def run_mpi(
     return proc
 
 
-def run_mpi_job(script: Path, ranks: int, out: Path, args: list[str], timeout: float) -> str:
-    """Run ``python -m mpi4py SCRIPT OUT ARGS...`` on ``ranks`` ranks (oversubscribed beyond the cores) for a
-    job whose cases save their own results under ``out``; returns how it ended and the end of its output.
+def run_mpi_job(script: Path, ranks: int, out: Path, cases: list[str], timeout: float) -> str:
+    """Run ``python -m mpi4py SCRIPT --out OUT --cases CASE...`` on ``ranks`` ranks (oversubscribed beyond the
+    cores) for a job whose cases save their own results under ``out``; returns how it ended and the end of its
+    output.
     A job that fails or runs over ``timeout`` is not an error here: the cases it finished still count."""
     from lightning_xd.launch.launcher import mpirun_command, mpirun_environment
 
-    cmd = mpirun_command(ranks, [str(script), str(out), *args])
+    cmd = mpirun_command(ranks, [str(script), "--out", str(out), "--cases", *cases])
     if ranks > (os.cpu_count() or 1) and "--oversubscribe" not in cmd:
         cmd.insert(1, "--oversubscribe")
     proc = subprocess.Popen(

@@ -16,21 +16,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from conformance.models import backbone_finetuning
 from lightning.pytorch import LightningModule
+from reference_training import StepOrder, fit_one_process, in_step_order, state_of
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 SAMPLES, BATCH, RANKS = 16, 2, 2  # per rank: 8 samples, 4 steps an epoch
-
-
-def _shards(data, epoch: int) -> list[list[int]]:
-    """What each rank trains on in ``epoch``, in order, as Lightning's sampler hands it out."""
-    shards = []
-    for rank in range(RANKS):
-        sampler = DistributedSampler(data, num_replicas=RANKS, rank=rank, shuffle=True, seed=0)
-        sampler.set_epoch(epoch)
-        shards.append(list(sampler))
-    return shards
 
 
 def dataset() -> TensorDataset:
@@ -38,27 +30,8 @@ def dataset() -> TensorDataset:
     x = torch.randn(SAMPLES, 4, generator=g)
     y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(SAMPLES, 1, generator=g)
     flag = torch.zeros(SAMPLES, dtype=torch.long)
-    flag[_shards(range(SAMPLES), epoch=0)[1]] = 1
+    flag[StepOrder(SAMPLES, RANKS, BATCH).shards()[1]] = 1  # epoch 0
     return TensorDataset(x, y, flag)
-
-
-class UnionOrder(Sampler[int]):
-    """One process's order that reproduces each 2-rank step as one batch: rank 0's batch, then rank 1's."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        shards = _shards(range(SAMPLES), self.epoch)
-        for k in range(0, SAMPLES // RANKS, BATCH):
-            for shard in shards:
-                yield from shard[k : k + BATCH]
-
-    def __len__(self) -> int:
-        return SAMPLES
 
 
 class _Base(LightningModule):
@@ -77,11 +50,8 @@ class _Base(LightningModule):
             return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.5)
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
 
-    def train_dataloader(self, union: bool = False):
-        data = dataset()
-        if union:
-            return DataLoader(data, batch_size=RANKS * BATCH, sampler=UnionOrder())
-        return DataLoader(data, batch_size=BATCH, shuffle=False)
+    def train_dataloader(self):  # each rank's; the one-process reference reads in_step_order(dataset(), ...)
+        return DataLoader(dataset(), batch_size=BATCH, shuffle=False)
 
 
 class BranchOrder(_Base):
@@ -124,44 +94,17 @@ class Unfrozen(_Base):
         return self.head(self.backbone(x))
 
 
-def finetuning():
-    from lightning.pytorch.callbacks import BackboneFinetuning
-
-    return BackboneFinetuning(
-        unfreeze_backbone_at_epoch=1,
-        lambda_func=lambda epoch: 1.0,
-        backbone_initial_ratio_lr=0.5,
-        should_align=False,
-        verbose=False,
-    )
-
-
 # name: (model class, strategy settings, callbacks, epochs)
 CASES = {
     "order": (BranchOrder, {"bucket_size_mb": 1e-6}, list, 1),
     "partly-used": (PartlyUsed, {"bucket_size_mb": 1e-6, "find_unused_parameters": True}, list, 1),
     "partly-used-refused": (PartlyUsed, {"bucket_size_mb": 1e-6}, list, 1),
-    "unfrozen": (Unfrozen, {}, lambda: [finetuning()], 2),
+    "unfrozen": (Unfrozen, {}, lambda: [backbone_finetuning()], 2),
 }
 
 
 def union_reference(case: str) -> dict:
     """The model's parameters after training in one process on the union of both ranks' batches."""
-    from lightning.fabric.plugins.environments import LightningEnvironment
-    from lightning.pytorch import Trainer
-
     model_class, _, callbacks, epochs = CASES[case]
-    model = model_class()
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks(),
-        plugins=[LightningEnvironment()],
-    )
-    trainer.fit(model, train_dataloaders=model.train_dataloader(union=True))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _, model = fit_one_process(model_class, in_step_order(dataset(), RANKS, BATCH), epochs, callbacks())
+    return state_of(model)

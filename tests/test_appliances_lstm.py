@@ -4,6 +4,7 @@ chronological split, the rebuilt timestamps, the pipeline contract and one-line 
 import numpy as np
 import pytest
 import torch
+from conftest import ready_datamodule
 from generators.appliances import write_appliances
 
 from lightning_xd.datamodules.appliances import AppliancesDataModule
@@ -18,10 +19,7 @@ def appliances_data(tmp_path_factory):
 
 
 def _datamodule(root, tmp_path, **options) -> AppliancesDataModule:
-    datamodule = AppliancesDataModule(str(root), str(tmp_path / "cache"), **options)
-    datamodule.prepare_data()
-    datamodule.setup()
-    return datamodule
+    return ready_datamodule(AppliancesDataModule, root, tmp_path, **options)
 
 
 def test_split_is_chronological_and_scaled_on_training_rows(appliances_data, tmp_path):
@@ -50,10 +48,10 @@ def test_time_features_follow_the_rebuilt_timestamps(tmp_path):
     assert features[:saturday, 3].sum() == 0 and features[saturday:, 3].sum() == 700 - saturday
 
 
-def test_pipeline_stages_give_the_model_output_and_start_at_persistence(appliances_data, tmp_path):
+def test_pipeline_blocks_give_the_model_output_and_start_at_persistence(appliances_data, tmp_path):
     datamodule = _datamodule(appliances_data, tmp_path)
     model = LSTMForecaster(**datamodule.model_kwargs())
-    stages = model.pipeline_stages()
+    stages = model.pipeline_blocks()
     assert len(stages) >= 4
     sizes = [sum(p.numel() for p in stage.parameters()) for stage in stages]
     assert max(sizes) < 1.2 * min(sizes), sizes
@@ -74,13 +72,6 @@ def test_pipeline_stages_give_the_model_output_and_start_at_persistence(applianc
         ("Appliances,lights\n" + "60,30\n" * 20, "20 rows leave"),
     ],
 )
-def test_bad_csv_is_one_line(one_line_error, tmp_path, monkeypatch, content, expected):
-    monkeypatch.setenv("XD_DOWNLOAD", "0")
-    folder = tmp_path / "data" / "appliances_energy"
-    folder.mkdir(parents=True)
-    if content is not None:
-        (folder / "energydata_complete.csv").write_text(content)
-    err = one_line_error(
-        "--model", "lstm", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")
-    )
+def test_bad_csv_is_one_line(bad_file_error, content, expected):
+    err = bad_file_error("lstm", "appliances_energy/energydata_complete.csv", content)
     assert expected in err and "energydata_complete.csv" in err

@@ -2,32 +2,20 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference_training import StateAfterEachBatch, fit_one_process, in_step_order
 from tiny_models import TinyData, TinyRegressor
-from torch.utils.data import DistributedSampler
 
 
 def plain_sgd_snapshots(epochs: int, batch_size: int = 4):
     """Parameters after every step of single-process SGD on the batches the one worker sees."""
-    data = TinyData(batch_size)
-    model = TinyRegressor()
-    optimizer = model.configure_optimizers()
-    sampler = DistributedSampler(data.train_set, num_replicas=1, rank=0, shuffle=True, seed=0)
-    snapshots = []
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        for k in range(0, len(order), batch_size):
-            x, ids, y = data.train_set[order[k : k + batch_size]]
-            optimizer.zero_grad()
-            F.mse_loss(model(x, ids), y).backward()
-            optimizer.step()
-            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    return snapshots
+    snapshots = StateAfterEachBatch()
+    train = in_step_order(TinyData(batch_size).train_set, replicas=1, batch_size=batch_size)
+    fit_one_process(TinyRegressor, train, epochs=epochs, callbacks=[snapshots])
+    return snapshots.snapshots
 
 
 def test_one_worker_and_server_follow_plain_sgd_step_by_step(mpirun, tmp_path):
-    mpirun(2, "train_tiny_async.py", str(tmp_path), "2", "4")
+    mpirun(2, "train_tiny_async.py", "--out", str(tmp_path), "--max-epochs", "2", "--staleness", "4")
     server, worker = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     reference = plain_sgd_snapshots(epochs=2)
     assert server["summary"]["global_step"] == len(reference) == 16
@@ -42,7 +30,12 @@ def test_one_worker_and_server_follow_plain_sgd_step_by_step(mpirun, tmp_path):
 
 def test_slow_worker_never_exceeds_the_staleness_bound(mpirun, tmp_path):
     bound = 2
-    mpirun(3, "train_tiny_async.py", str(tmp_path), "3", str(bound), "2:0.05", timeout=240)
+    mpirun(
+        3,
+        "train_tiny_async.py",
+        *("--out", str(tmp_path), "--max-epochs", "3", "--staleness", str(bound), "--straggler", "2:0.05"),
+        timeout=240,
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     summary = ranks[0]["summary"]
     histogram = {int(k): v for k, v in summary["async/staleness_histogram"].items()}
@@ -60,7 +53,7 @@ def test_slow_worker_never_exceeds_the_staleness_bound(mpirun, tmp_path):
 
 
 def test_training_converges(mpirun, tmp_path):
-    mpirun(3, "train_tiny_async.py", str(tmp_path), "12", "4", timeout=240)
+    mpirun(3, "train_tiny_async.py", "--out", str(tmp_path), "--max-epochs", "12", "--staleness", "4", timeout=240)
     result = torch.load(tmp_path / "rank0.pt")
     initial, final = result["initial"]["val/loss_sum"], result["final"]["val/loss_sum"]
     # constant-rate SGD on batches of 4 plateaus at 2-8 (of 81) here, whatever the interleaving of workers
@@ -71,13 +64,17 @@ def test_checkpoint_resumes_server_version_and_parameters(mpirun, tmp_path):
     from lightning_xd.fault_tolerance.checkpoints import CheckpointStore
 
     first = tmp_path / "first"
-    mpirun(2, "train_tiny_async.py", str(first), "1", "4")
+    mpirun(2, "train_tiny_async.py", "--out", str(first), "--max-epochs", "1", "--staleness", "4")
     checkpoint, manifest = CheckpointStore(first / "checkpoints").newest_verified()
     saved = torch.load(checkpoint, weights_only=False)
     assert manifest["global_step"] == 8 and manifest["strategy"] == "AsyncStaleGradientStrategy"
     assert saved["async_server"]["version"] == 8 and saved["optimizer_states"]
     longer = tmp_path / "longer"  # one more epoch: the version goes on from 8, from the saved parameters
-    mpirun(2, "train_tiny_async.py", str(longer), "2", "4", "-", str(checkpoint))
+    mpirun(
+        2,
+        "train_tiny_async.py",
+        *("--out", str(longer), "--max-epochs", "2", "--staleness", "4", "--ckpt-path", str(checkpoint)),
+    )
     server, worker = (torch.load(longer / f"rank{r}.pt") for r in range(2))
     assert server["summary"]["global_step"] == 16 and len(worker["snapshots"]) == 8
     reference = plain_sgd_snapshots(epochs=1)[-1]

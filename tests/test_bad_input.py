@@ -101,11 +101,9 @@ def test_no_limit_and_defaults_are_in_their_domains(launch):
         ("graphsage", "qm9", "cora-graph, ppi, synthetic-graph"),
     ],
 )
-def test_model_on_a_dataset_it_cannot_train_on(one_line_error, tmp_path, model, data, can):
+def test_model_on_a_dataset_it_cannot_train_on(data_error, tmp_path, model, data, can):
     """Said before any data is read (the data dir here is empty)."""
-    err = one_line_error(
-        "--model", model, "--data", data, "--data-dir", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "cache")
-    )
+    err = data_error(model, tmp_path / "empty", "--data", data)
     assert f"model {model} cannot train on {data}" in err and f"it trains on {can}" in err, err
 
 

@@ -169,7 +169,7 @@ def test_every_script_describes_itself(script):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["lightning_xd.strategies.py", "--strategies", "zigzag"], "unknown strategy zigzag"),
+        (["strategies.py", "--strategies", "zigzag"], "unknown strategy zigzag"),
         (["straggler.py", "--nprocs", "2"], "--nprocs must be at least 3"),
         (["job.py", "sorting", "--quick"], "unknown benchmark 'sorting'"),
     ],

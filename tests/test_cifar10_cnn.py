@@ -85,9 +85,9 @@ def test_normalisation_and_augmentation_keep_the_shape_and_vary():
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # a step called outside a Trainer
-def test_pipeline_stages_are_the_model():
+def test_pipeline_blocks_are_the_model():
     model = CNN(num_classes=10).eval()
-    stages = model.pipeline_stages()
+    stages = model.pipeline_blocks()
     sizes = [sum(p.numel() for p in stage.parameters()) for stage in stages]
     assert len(stages) >= 4 and sum(sizes) == sum(p.numel() for p in model.parameters())
     assert max(sizes) < 2.5 * min(sizes), sizes  # roughly balanced
@@ -104,26 +104,24 @@ def test_pipeline_stages_are_the_model():
     assert len(calls) == len(stages)
 
 
-def test_missing_data_names_both_layouts(one_line_error, tmp_path):
-    err = one_line_error(
-        "--model", "cnn", "--data-dir", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "cache")
-    )
+def test_missing_data_names_both_layouts(data_error, tmp_path):
+    err = data_error("cnn", tmp_path / "empty")
     assert "cifar10_jpg" in err and "cifar-10-batches-py" in err
 
 
-def test_corrupt_jpeg_names_the_file(one_line_error, cifar_jpegs, tmp_path):
+def test_corrupt_jpeg_names_the_file(data_error, cifar_jpegs, tmp_path):
     broken = tmp_path / "data"
     shutil.copytree(cifar_jpegs, broken)
     (broken / "cifar10_jpg" / "test" / "cat" / "0001.jpg").write_bytes(b"not a jpeg")
-    err = one_line_error("--model", "cnn", "--data-dir", str(broken), "--cache-dir", str(tmp_path / "c"))
+    err = data_error("cnn", broken)
     assert "cat/0001.jpg" in err and "not a decodable JPEG" in err
 
 
-def test_corrupt_python_batch_names_the_file(one_line_error, tmp_path):
+def test_corrupt_python_batch_names_the_file(data_error, tmp_path):
     folder = write_cifar10_batches(tmp_path / "data", per_batch=10)
     (folder / "data_batch_3").write_bytes(b"not a pickle")
-    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "c"))
+    err = data_error("cnn", tmp_path / "data")
     assert "data_batch_3" in err and "not a CIFAR-10 python batch" in err
     (folder / "test_batch").unlink()
-    err = one_line_error("--model", "cnn", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "c"))
+    err = data_error("cnn", tmp_path / "data")
     assert "missing test_batch" in err

@@ -1,10 +1,7 @@
 """The comm layer: round trips of several dtypes and shapes, non-contiguous and sparse inputs."""
 
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO, _env
+from conftest import run_alone
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -14,10 +11,7 @@ def test_round_trips_under_mpirun(mpirun, ranks):
 
 
 def test_round_trips_in_one_process_without_mpirun(tmp_path):
-    script = REPO / "tests" / "mpi_scripts" / "comm_roundtrips.py"
-    proc = subprocess.run(
-        [sys.executable, str(script)], env=_env(tmp_path), capture_output=True, text=True, timeout=120
-    )
+    proc = run_alone("comm_roundtrips.py", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0: comm round trips OK" in proc.stdout
 

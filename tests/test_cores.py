@@ -11,7 +11,7 @@ from lightning_xd.launch.cores import threads_for
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_each_rank_runs_as_many_threads_as_the_cores_it_may_use(mpirun, tmp_path, nprocs):
     machine = sorted(os.sched_getaffinity(0))
-    mpirun(nprocs, "report_cores.py", str(tmp_path / "cores.json"), env={"OMP_NUM_THREADS": ""})
+    mpirun(nprocs, "report_cores.py", "--out", str(tmp_path / "cores.json"), env={"OMP_NUM_THREADS": ""})
     rows = json.loads((tmp_path / "cores.json").read_text())
     for rank, row in enumerate(rows):
         sharing = sum(1 for other in rows if other["cores"] == row["cores"])

@@ -2,11 +2,9 @@
 wraps the loader to resume mid-epoch (``single``, ``ddp``, ``mpi``)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, _env
+from conftest import run_alone, run_mpi
 
 
 def check(result: dict, batches_per_epoch: int) -> None:
@@ -16,25 +14,15 @@ def check(result: dict, batches_per_epoch: int) -> None:
 
 
 def test_single_process(tmp_path):
-    script = REPO / "tests" / "mpi_scripts" / "fit_drop_last.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "single"],
-        env=_env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_alone("fit_drop_last.py", "--out", str(tmp_path), "--strategies", "single", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check(json.loads((tmp_path / "single.json").read_text()), batches_per_epoch=70 // 8)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    from conftest import run_mpi
-
     out = tmp_path_factory.mktemp("drop-last")
-    run_mpi(2, "fit_drop_last.py", str(out), "mpi,ddp", cwd=out, timeout=180)
+    run_mpi(2, "fit_drop_last.py", "--out", str(out), "--strategies", "mpi", "ddp", cwd=out, timeout=180)
     return out
 
 

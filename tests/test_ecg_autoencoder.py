@@ -4,9 +4,9 @@ normal beats only in training, and one-line errors for bad beat files."""
 import numpy as np
 import pytest
 import torch
+from conftest import ready_datamodule
 from generators.ecg import COUNTS, write_ecg5000
-from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.pytorch import Trainer
+from reference_training import one_process_trainer
 
 from lightning_xd.datamodules.ecg import ECGDataModule
 from lightning_xd.models.autoencoder import DenseAutoencoder
@@ -22,18 +22,7 @@ def ecg_data(tmp_path_factory):
 def test_learns_to_tell_abnormal_beats(ecg_data, tmp_path):
     datamodule = ECGDataModule(str(ecg_data), str(tmp_path / "cache"))
     model = DenseAutoencoder(**datamodule.model_kwargs())
-    # an environment of our own: Lightning's probe for MPI must not run outside an MPI job
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        plugins=[LightningEnvironment()],
-        max_epochs=20,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = one_process_trainer(max_epochs=20, limit_val_batches=0)
     trainer.fit(model, datamodule=datamodule)
     metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     assert metrics["test/auroc"] > 0.9, metrics
@@ -58,10 +47,7 @@ def test_auroc_ranks_scores_alike_whatever_batch_they_come_in():
 
 def test_split_is_stratified_fixed_and_trains_on_normal_beats_only(ecg_data, tmp_path):
     def split(**options):
-        datamodule = ECGDataModule(str(ecg_data), str(tmp_path / "cache"), **options)
-        datamodule.prepare_data()
-        datamodule.setup()
-        return datamodule.datasets
+        return ready_datamodule(ECGDataModule, ecg_data, tmp_path, **options).datasets
 
     parts = split()
     classes = {name: dataset.tensors[1].numpy() for name, dataset in parts.items()}
@@ -92,13 +78,6 @@ def _row(label: float, length: int = 140) -> str:
         ("not numbers at all\n", "could not be read"),
     ],
 )
-def test_bad_beat_file_is_one_line(one_line_error, tmp_path, monkeypatch, content, expected):
-    monkeypatch.setenv("XD_DOWNLOAD", "0")
-    folder = tmp_path / "data" / "ecg" / "ecg5000"
-    folder.mkdir(parents=True)
-    if content is not None:
-        (folder / "ECG5000_TRAIN.txt").write_text(content)
-    err = one_line_error(
-        "--model", "autoencoder", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")
-    )
+def test_bad_beat_file_is_one_line(bad_file_error, content, expected):
+    err = bad_file_error("autoencoder", "ecg/ecg5000/ECG5000_TRAIN.txt", content)
     assert expected in err and "ECG5000_TRAIN.txt" in err

@@ -156,7 +156,7 @@ def _run_flags(name: str, strategy: str, nprocs: int, data: Path, runs: Path) ->
 def _batch(tmp: Path, name: str, spec: list[dict], ranks: int) -> dict:
     spec_path, results = tmp / f"{name}.json", tmp / f"{name}-results.json"
     spec_path.write_text(json.dumps(spec))
-    script = [str(REPO / "tests" / "batch_runs.py"), str(spec_path), str(results)]
+    script = [str(REPO / "tests" / "batch_runs.py"), "--spec", str(spec_path), "--results", str(results)]
     env = _env(tmp)
     if ranks == 1:
         cmd = [sys.executable, *script]

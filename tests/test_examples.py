@@ -29,6 +29,7 @@ def test_config_states_what_it_shows_and_names_registered_things(config):
     import lightning_xd.datamodules  # noqa: F401  (registers the names)
     import lightning_xd.models  # noqa: F401
     import lightning_xd.strategies  # noqa: F401
+    from lightning_xd.contract import declared
     from lightning_xd.launch import cli, runner
     from lightning_xd.launch.registry import STRATEGIES, accepted_settings
 
@@ -38,10 +39,10 @@ def test_config_states_what_it_shows_and_names_registered_things(config):
     assert not {"data_dir", "cache_dir", "run_dir"} & set(settings), "paths come from the environment"
     args = cli.parse_args(["--config", str(config)])
     resolved = runner.resolve(args)  # a one-line UserError for an unknown name or a flag nothing takes
-    check_settings = getattr(STRATEGIES.get(args.strategy).build, "check_settings", None)
-    if check_settings is not None:  # e.g. the hybrid strategy: processes a multiple of the pipeline stages
-        fixed = {"nprocs": args.nprocs}  # and no model: that would need the data
-        check_settings(**fixed, **accepted_settings(check_settings, resolved, exclude={**fixed, "model": None}))
+    # the strategy's own checks, e.g. hybrid: processes a multiple of the pipeline stages (no model: that needs data)
+    check_settings = declared(STRATEGIES.get(args.strategy).build).check_settings
+    fixed = {"nprocs": args.nprocs}
+    check_settings(**fixed, **accepted_settings(check_settings, resolved, exclude={**fixed, "model": None}))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.parent.name)

@@ -42,14 +42,12 @@ def test_killed_rank_is_survived_inside_the_job(mpirun, tmp_path):
     mpirun(
         3,
         "train_tiny_ft.py",
-        str(hit),
-        "3",
-        "kill:rank=1,step=3",
+        *("--out", str(hit), "--epochs", "3", "--fault", "kill:rank=1,step=3"),
         mpirun_args=["--with-ft", "ulfm"],
         env=ULFM,
         timeout=240,
     )
-    mpirun(3, "train_tiny_ft.py", str(calm), "3", timeout=240)
+    mpirun(3, "train_tiny_ft.py", "--out", str(calm), "--epochs", "3", timeout=240)
     result, undisturbed = torch.load(hit / "result.pt"), torch.load(calm / "result.pt")
     assert result["world"] == 2 and (hit / "COMPLETED").exists()
     event = result["summary"]["fault/recovery_events"][0]
@@ -76,10 +74,7 @@ def test_every_sample_trained_once_wherever_the_kill_lands(mpirun, tmp_path, cas
     mpirun(
         3,
         "train_tiny_ft.py",
-        str(tmp_path),
-        "2",
-        fault,
-        *settings,
+        *("--out", str(tmp_path), "--epochs", "2", "--fault", fault, "--set", *settings),
         mpirun_args=["--with-ft", "ulfm"],
         env=ULFM,
         timeout=240,
@@ -98,9 +93,20 @@ def test_every_sample_trained_once_wherever_the_kill_lands(mpirun, tmp_path, cas
 
 def test_resume_on_fewer_processes_reshards_the_rest_of_the_epoch(mpirun, tmp_path):
     out = tmp_path / "run"
-    mpirun(2, "train_tiny_ft.py", str(out), "2", "kill:rank=1,step=5", check=False, timeout=240)
+    mpirun(
+        2,
+        "train_tiny_ft.py",
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--fault",
+        "kill:rank=1,step=5",
+        check=False,
+        timeout=240,
+    )
     assert not (out / "result.pt").exists()
-    mpirun(1, "train_tiny_ft.py", str(out), "2", env={"XD_ATTEMPT": "1"}, timeout=240)
+    mpirun(1, "train_tiny_ft.py", "--out", str(out), "--epochs", "2", env={"XD_ATTEMPT": "1"}, timeout=240)
     rows = trained_samples(out)
     resumed_at = max(r["step"] for r in rows if r["world"] == 2 and r["step"] <= 4)  # the last checkpoint (every 2)
     kept = [r for r in rows if r["world"] == 1 or r["step"] <= resumed_at]  # steps after it were redone

@@ -15,7 +15,7 @@ def ranks(tmp_path_factory):
     from conftest import run_mpi
 
     out = tmp_path_factory.mktemp("gradient-cases")
-    run_mpi(2, "train_gradient_cases.py", str(out), ",".join(CASES), cwd=out, timeout=240)
+    run_mpi(2, "train_gradient_cases.py", "--out", str(out), "--cases", *CASES, cwd=out, timeout=240)
     return {case: [torch.load(out / f"{case}-rank{r}.pt") for r in range(2)] for case in CASES}
 
 

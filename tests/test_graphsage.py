@@ -140,7 +140,11 @@ def _reference_training(ranks: list[dict]) -> dict:
 
 def test_two_ranks_equal_single_process_on_union(mpirun, tmp_path):
     steps = 4
-    mpirun(2, "train_graphsage_steps.py", str(tmp_path / "out"), str(tmp_path), "mpi", str(steps))
+    mpirun(
+        2,
+        "train_graphsage_steps.py",
+        *("--out", str(tmp_path / "out"), "--data-dir", str(tmp_path), "--strategy", "mpi", "--steps", str(steps)),
+    )
     ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     reference = _reference_training(ranks)
     for result in ranks:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, run_mpi_job
 from mpi_scripts.train_hybrid_features import CLIP, INIT_SCALE, MICROBATCHES, POISON_STEP, STAGES
+from reference_training import StepOrder
 from tiny_models import TinyData, TinyPipelined
 from torch.optim.lr_scheduler import StepLR
-from torch.utils.data import DistributedSampler
 
 from lightning_xd.parallel.microbatch import split_batch
 
@@ -60,11 +60,9 @@ def replica_of(rank: int) -> int:
 # ---- the unsplit model in one process ----------------------------------------------------------------
 def replica_batches(data: TinyData, batch_size: int, epoch: int):
     """Each step's batches, one per replica, as the strategy's loaders draw them."""
-    shards = []
-    for r in range(REPLICAS):
-        sampler = DistributedSampler(data.train_set, num_replicas=REPLICAS, rank=r, shuffle=True, seed=0)
-        sampler.set_epoch(epoch)
-        shards.append(list(sampler))
+    order = StepOrder(len(data.train_set), REPLICAS, batch_size)
+    order.set_epoch(epoch)
+    shards = order.shards()
     for k in range(math.ceil(len(shards[0]) / batch_size)):
         yield [data.train_set[s[k * batch_size : (k + 1) * batch_size]] for s in shards]
 

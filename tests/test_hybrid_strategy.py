@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_training import fit_one_process, in_step_order
 from tiny_models import TinyData, TinyPipelined
-from torch.utils.data import DistributedSampler
 
 from lightning_xd.launch.registry import MODELS
 from lightning_xd.parallel.pipeline import partition, schedule
@@ -17,17 +17,9 @@ if "tiny-pipelined" not in MODELS:  # a pipelined model for the command-line che
 
 
 def single_process_reference(replicas: int, batch_size: int = 8):
-    data, model = TinyData(batch_size), TinyPipelined()
-    optimizer = model.configure_optimizers()
-    shards = [
-        list(DistributedSampler(data.train_set, num_replicas=replicas, rank=r, shuffle=True, seed=0))
-        for r in range(replicas)
-    ]
-    for k in range(len(shards[0]) // batch_size):
-        x, _, y = data.train_set[[i for s in shards for i in s[k * batch_size : (k + 1) * batch_size]]]
-        optimizer.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        optimizer.step()
+    """The unsplit model in one process on the union of the replicas' batches; its state and validation loss."""
+    data = TinyData(batch_size)
+    _, model = fit_one_process(TinyPipelined, in_step_order(data.train_set, replicas, batch_size, drop_last=True))
     x, _, y = data.val_set[:]
     with torch.no_grad():
         val_loss = F.mse_loss(model(x), y).item()
@@ -36,7 +28,12 @@ def single_process_reference(replicas: int, batch_size: int = 8):
 
 @pytest.mark.parametrize("ranks", [2, 4])  # 2 stages x 1 replica, 2 stages x 2 replicas
 def test_stages_and_replicas_equal_single_process(mpirun, tmp_path, ranks):
-    mpirun(ranks, "train_tiny_hybrid.py", str(tmp_path), "2", "4", "gpipe,1f1b", timeout=300)
+    mpirun(
+        ranks,
+        "train_tiny_hybrid.py",
+        *("--out", str(tmp_path), "--stages", "2", "--microbatches", "4", "--schedules", "gpipe", "1f1b"),
+        timeout=300,
+    )
     reference, val_loss = single_process_reference(replicas=ranks // 2)
     for kind in ("gpipe", "1f1b"):
         check_run(tmp_path / kind, ranks, reference, val_loss)
@@ -114,8 +111,8 @@ def test_bad_settings_are_one_line_errors_before_any_process_starts(capsys, tiny
 @pytest.mark.parametrize(
     "model, message",
     [
-        ("gcn", "model GCN cannot be split into pipeline stages (it has no pipeline_stages"),
-        ("tiny-pipelined", "--pipeline-stages 6 but TinyPipelined has only 5 stages"),
+        ("gcn", "model GCN cannot be split into pipeline stages (it has no pipeline_blocks"),
+        ("tiny-pipelined", "--pipeline-stages 6 but TinyPipelined has only 5 blocks"),
     ],
 )
 def test_model_without_stages_and_more_stages_than_layers(capsys, tiny_data, tmp_path, model, message):

@@ -4,39 +4,31 @@ single-process training on the union of both ranks' batches; metrics cover the w
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_training import fit_one_process, in_step_order
 from tiny_models import TinyData, TinyRegressor
-from torch.utils.data import DistributedSampler
 
 
 def single_process_reference(ranks: int, batch_size: int):
-    """Plain SGD where step k sees the union of what every rank saw at step k."""
+    """One process where step k sees the union of what every rank saw at step k (Lightning shards training
+    data with a shuffling DistributedSampler, seed 0 without seed_everything); its final state, its number of
+    steps, and its metrics on the whole validation set."""
     data = TinyData(batch_size)
-    model = TinyRegressor()
-    optimizer = model.configure_optimizers()
-    # Lightning shards training data with a shuffling DistributedSampler (seed 0 without seed_everything)
-    per_rank = [
-        list(DistributedSampler(data.train_set, num_replicas=ranks, rank=r, shuffle=True, seed=0)) for r in range(ranks)
-    ]
-    steps = len(per_rank[0]) // batch_size
-    for k in range(steps):
-        union = [i for shard in per_rank for i in shard[k * batch_size : (k + 1) * batch_size]]
-        x, ids, y = data.train_set[union]
-        optimizer.zero_grad()
-        F.mse_loss(model(x, ids), y).backward()
-        optimizer.step()
+    trainer, model = fit_one_process(TinyRegressor, in_step_order(data.train_set, ranks, batch_size, drop_last=True))
     x, ids, y = data.val_set[:]
     with torch.no_grad():
         pred = model(x, ids)
     return (
         model.state_dict(),
-        steps,
+        trainer.global_step,
         {"val/mae": (pred - y).abs().mean().item(), "val/loss_sum": F.mse_loss(pred, y, reduction="sum").item()},
     )
 
 
 @pytest.mark.parametrize("bucket_size_mb", [25.0, 0.0001])  # one bucket; one bucket per parameter
 def test_two_ranks_equal_single_process_on_union(mpirun, tmp_path, bucket_size_mb):
-    mpirun(2, "train_tiny.py", str(tmp_path / "out"), "mpi", str(bucket_size_mb))
+    mpirun(
+        2, "train_tiny.py", "--out", str(tmp_path / "out"), "--strategy", "mpi", "--bucket-size-mb", str(bucket_size_mb)
+    )
     ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in range(2)]
     reference, steps, metrics = single_process_reference(ranks=2, batch_size=4)
     for result in ranks:
@@ -51,19 +43,9 @@ def test_two_ranks_equal_single_process_on_union(mpirun, tmp_path, bucket_size_m
 
 def test_one_rank_in_process_matches_plain_sgd(tmp_path):
     """World size 1 runs without mpirun (MPI singleton) and is plain training."""
-    import subprocess
-    import sys
+    from conftest import run_alone
 
-    from conftest import REPO, _env
-
-    script = REPO / "tests" / "mpi_scripts" / "train_tiny.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "out"), "mpi"],
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_alone("train_tiny.py", "--out", str(tmp_path / "out"), "--strategy", "mpi", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "out" / "rank0.pt")
     reference, steps, _ = single_process_reference(ranks=1, batch_size=4)

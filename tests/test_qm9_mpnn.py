@@ -87,12 +87,12 @@ def test_dense_layer_equals_pyg_nnconv(qm9_dir, tmp_path):
 
 
 @pytest.mark.parametrize("readout", ["set2set", "dipole"])
-def test_pipeline_stages_are_the_model(qm9_dir, tmp_path, readout):
+def test_pipeline_blocks_are_the_model(qm9_dir, tmp_path, readout):
     datamodule = QM9DataModule(str(qm9_dir), str(tmp_path / "cache"))
     datamodule.setup()
     batch = next(iter(DataLoader(datamodule.splits["train"], batch_size=8)))
     model = MPNN(**datamodule.model_kwargs(), steps=4, readout=readout, edge_hidden=8, hidden_channels=16)
-    stages = model.pipeline_stages()
+    stages = model.pipeline_blocks()
     assert len(stages) == 4
     stage_params = {id(p) for stage in stages for p in stage.parameters()}
     assert stage_params == {id(p) for p in model.parameters()}  # every weight in exactly one stage

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ready_datamodule
 from generators.sensor_stream import write_intel, write_occupancy
-from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.pytorch import Trainer
+from reference_training import one_process_trainer
 
 from lightning_xd.datamodules.sensor_stream import SensorStreamDataModule
 from lightning_xd.models.lstm import LSTMForecaster
@@ -30,10 +30,7 @@ def _rank(datamodule, rank: int, num_ranks: int, epoch: int = 0, epochs: int = 1
 
 
 def _datamodule(root, tmp_path, **options) -> SensorStreamDataModule:
-    datamodule = SensorStreamDataModule(str(root), str(tmp_path / "cache"), **options)
-    datamodule.prepare_data()
-    datamodule.setup()
-    return datamodule
+    return ready_datamodule(SensorStreamDataModule, root, tmp_path, **options)
 
 
 def _batches(datamodule, rank=0, num_ranks=1, epoch=0, epochs=1) -> list[dict]:
@@ -111,17 +108,7 @@ def test_running_errors_score_each_window_before_training_on_it(stream_data, tmp
     datamodule = _datamodule(stream_data, tmp_path, source="intel", window=6)
     model = LSTMForecaster(**datamodule.model_kwargs())
     datamodule.trainer = None
-    # an environment of our own: Lightning's probe for MPI must not run outside an MPI job
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        plugins=[LightningEnvironment()],
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = one_process_trainer(max_steps=1)
     trainer.fit(model, datamodule=datamodule)
     # the head starts at "no change", so the first batch, forecast before its step, scores as persistence
     assert model.running_rmse.compute() == pytest.approx(float(model.running_rmse_persistence.compute()))

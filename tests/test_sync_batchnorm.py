@@ -290,7 +290,13 @@ def test_lazy_batchnorm_before_its_first_forward_is_a_user_error():
 @pytest.fixture(scope="module")
 def mpi_job(tmp_path_factory):
     out = tmp_path_factory.mktemp("sync_batchnorm")
-    run_mpi(2, "sync_batchnorm_cases.py", str(out), "layers,lightning,lightning-unsynced", cwd=out, timeout=240)
+    run_mpi(
+        2,
+        "sync_batchnorm_cases.py",
+        *("--out", str(out), "--parts", "layers", "lightning", "lightning-unsynced"),
+        cwd=out,
+        timeout=240,
+    )
 
     def result(part: str) -> list[dict]:
         ranks = [torch.load(out / f"{part}-rank{r}.pt") for r in range(2)]

@@ -50,21 +50,19 @@ def test_unknown_names(one_line_error, flag, name):
     assert f"unknown {flag[2:]} {name!r}" in err and "valid" in err
 
 
-def test_missing_data_names_the_files(one_line_error, tmp_path, monkeypatch):
+def test_missing_data_names_the_files(data_error, tmp_path, monkeypatch):
     monkeypatch.setenv("XD_DOWNLOAD", "0")
-    err = one_line_error(
-        "--model", "gcn", "--data-dir", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "cache")
-    )
+    err = data_error("gcn", tmp_path / "empty")
     assert "ind.cora.x" in err and "planetoid_raw" in err
 
 
-def test_corrupt_data_file(one_line_error, tiny_data, tmp_path):
+def test_corrupt_data_file(data_error, tiny_data, tmp_path):
     import shutil
 
     broken = tmp_path / "data"
     shutil.copytree(tiny_data, broken)
     (broken / "cora" / "planetoid_raw" / "ind.cora.allx").write_bytes(b"not a pickle")
-    err = one_line_error("--model", "gcn", "--data-dir", str(broken), "--cache-dir", str(tmp_path / "c"))
+    err = data_error("gcn", broken)
     assert "could not be read" in err
 
 

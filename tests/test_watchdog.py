@@ -10,7 +10,14 @@ ULFM = {"XD_FAULT_TOLERANCE": "ulfm"}
 
 
 def test_a_step_computing_longer_than_the_timeout_is_not_ended(mpirun, tmp_path):
-    mpirun(2, "watchdog_cases.py", str(tmp_path), "long-step", mpirun_args=["--with-ft", "ulfm"], env=ULFM, timeout=120)
+    mpirun(
+        2,
+        "watchdog_cases.py",
+        *("--out", str(tmp_path), "--case", "long-step"),
+        mpirun_args=["--with-ft", "ulfm"],
+        env=ULFM,
+        timeout=120,
+    )
     assert (tmp_path / "finished-rank0").read_text().strip() == "4"
 
 
@@ -19,8 +26,7 @@ def test_a_peer_hung_after_a_nested_collective_ends_the_job(mpirun, tmp_path):
     proc = mpirun(
         2,
         "watchdog_cases.py",
-        str(tmp_path),
-        "hangs-after-log",
+        *("--out", str(tmp_path), "--case", "hangs-after-log"),
         mpirun_args=["--with-ft", "ulfm"],
         env=ULFM,
         timeout=90,

@@ -66,6 +66,20 @@ class TinyRegressor(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+def on_plateau(model_class: type[LightningModule], monitor: str) -> type[LightningModule]:
+    """``model_class`` whose optimizer a ReduceLROnPlateau on ``monitor`` schedules (it needs validation
+    during training)."""
+
+    class OnPlateau(model_class):
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": monitor}}
+
+    OnPlateau.__name__ = OnPlateau.__qualname__ = f"{model_class.__name__}OnPlateau"
+    return OnPlateau
+
+
 class TinyData(LightningDataModule):
     def __init__(self, batch_size: int = 4, n_train: int = 32, n_val: int = 11, with_index: bool = False):
         super().__init__()
@@ -79,7 +93,7 @@ class TinyData(LightningDataModule):
         return DataLoader(self.val_set, batch_size=3, sampler=eval_sampler(self.val_set, self.trainer))
 
 
-class _Stage(nn.Module):
+class _Block(nn.Module):
     def __init__(self, inputs: int, outputs: int, last: bool = False):
         super().__init__()
         self.linear, self.last = nn.Linear(inputs, outputs), last
@@ -96,12 +110,12 @@ class TinyPipelined(LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.stages = nn.ModuleList(
-            [_Stage(4, 10), _Stage(10, 4), _Stage(4, 10), _Stage(10, 4), _Stage(4, 1, last=True)]
+            [_Block(4, 10), _Block(10, 4), _Block(4, 10), _Block(10, 4), _Block(4, 1, last=True)]
         )
         self.val_mae = MeanAbsoluteError()
         self.lr = lr
 
-    def pipeline_stages(self):
+    def pipeline_blocks(self):
         return list(self.stages)
 
     def pipeline_input(self, batch):

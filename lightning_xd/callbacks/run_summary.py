@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
 
+from lightning_xd.contract import declared
+
 
 def batch_size_of(batch: Any) -> int:
     """Samples in a batch: PyG batches say it themselves, other batches by their first tensor."""
@@ -40,7 +42,8 @@ class RunSummary(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seconds = time.perf_counter() - self._step_start
-        samples = batch_size_of(batch) / getattr(trainer.strategy, "stages", 1)  # a pipeline's stages share each batch
+        # processes that work on each batch together (a pipeline's stages) count it once between them
+        samples = batch_size_of(batch) / declared(trainer.strategy).batch_sharing_processes
         self.samples += samples
         self.steps += 1
         self.step_seconds += seconds

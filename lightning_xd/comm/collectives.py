@@ -53,8 +53,9 @@ def attach_metric_sync(
 
 
 def gather_objects(strategy: Any, obj: Any) -> list:
-    """Every process's ``obj``, in rank order, whatever the strategy (ours, Lightning's DDP, one process)."""
-    if hasattr(strategy, "all_gather_object"):
+    """Every process's ``obj``, in rank order, whatever the strategy: ours gather over MPI
+    (``MPICollectives``), Lightning's DDP over torch.distributed, one process has only its own."""
+    if isinstance(strategy, MPICollectives):
         return strategy.all_gather_object(obj)
     import torch.distributed as dist
 
@@ -66,37 +67,54 @@ def gather_objects(strategy: Any, obj: Any) -> list:
 
 
 class MPICollectives:
-    """Mixin for a Lightning strategy whose ``collective_comm`` holds the ranks that log together
-    (all of them, except in the hybrid strategy: the data-parallel group of a pipeline stage) and
-    whose ``comm`` holds every process: decisions, broadcasts and barriers are the whole job's."""
+    """Lightning's collectives for a strategy whose ``replicas`` hold the ranks that log together (all of
+    them, except in the hybrid strategy: the data-parallel group of a pipeline stage) and whose ``comm``
+    holds every process: decisions, broadcasts and barriers are the whole job's. Each runs through the
+    strategy's ``run_collective`` (which in-job recovery retries on the survivors); while the strategy's
+    ``ranks_train_apart()`` holds they are local, as on one process."""
 
     comm: Communicator
-    collective_comm: Communicator
+    replicas: Communicator
 
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
         """Reduce over the ranks. Accepts "mean"/"sum"/"max"/"min" and torch's ReduceOp (Lightning passes both)."""
         if not isinstance(tensor, Tensor):
             tensor = torch.tensor(tensor, device=self.root_device)
-        return self.collective_comm.allreduce(tensor.detach().clone(), reduce_op or "mean")
+        if self.ranks_train_apart():
+            return tensor
+        return self.run_collective(
+            lambda: self.replicas.allreduce(tensor.detach().clone(), reduce_op or "mean"), "reduce"
+        )
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         """A decision of the whole job (stop, save): every process, not only those that log together."""
-        votes = int(self.comm.allreduce(torch.tensor([int(decision)]), "sum"))
+        if self.ranks_train_apart():
+            return decision
+        votes = self.run_collective(
+            lambda: int(self.comm.allreduce(torch.tensor([int(decision)]), "sum")), "a decision"
+        )
         return votes == self.comm.size if all else votes > 0
 
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         """Stack every rank's ``tensor`` (same shape on each) along a new first dimension."""
+        if self.ranks_train_apart():
+            return tensor.unsqueeze(0)
         if sync_grads:
-            return _AllGatherWithGrad.apply(tensor, self.collective_comm)
-        return self.collective_comm.allgather(tensor.detach().contiguous())
+            return self.run_collective(lambda: _AllGatherWithGrad.apply(tensor, self.replicas), "all_gather")
+        return self.run_collective(lambda: self.replicas.allgather(tensor.detach().contiguous()), "all_gather")
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """From process ``src`` of the whole job to all of them (Lightning's paths and decisions)."""
-        return self.comm.broadcast_object(obj, root=src)
+        if self.ranks_train_apart():
+            return obj
+        return self.run_collective(lambda: self.comm.broadcast_object(obj, root=src), "broadcast")
 
     def all_gather_object(self, obj: Any) -> list:
         """One object per process of the whole job, in rank order."""
-        return self.comm.allgather_object(obj)
+        if self.ranks_train_apart():
+            return [obj]
+        return self.run_collective(lambda: self.comm.allgather_object(obj), "all_gather")
 
     def barrier(self, name: str | None = None) -> None:
-        self.comm.barrier()
+        if not self.ranks_train_apart():
+            self.run_collective(self.comm.barrier, f"barrier {name or ''}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from torch import Tensor
 
 from lightning_xd.errors import UserError
+from lightning_xd.files import replace_durably, write_json_atomically
 
 MANIFEST_VERSION = 1
 RESUME_PATH_FIX = "resume it with that --model, --data and --strategy, or give --resume another checkpoint or never"
@@ -39,27 +39,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_durably(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` onto ``final`` so that after a crash one of the two complete versions is there."""
-    _fsync(tmp)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-
-
-def write_json_durably(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    replace_durably(tmp, path)
 
 
 class CheckpointStore:
@@ -85,7 +64,7 @@ class CheckpointStore:
             "created": time.time(),
             **info,
         }
-        write_json_durably(self.folder / f"{name}.json", manifest)
+        write_json_atomically(self.folder / f"{name}.json", manifest, durable=True)
         return final
 
     def manifests(self, warn: bool = True) -> list[dict[str, Any]]:

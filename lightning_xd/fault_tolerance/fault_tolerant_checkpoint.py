@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_xd.comm.collectives import gather_objects
+from lightning_xd.contract import declared
 from lightning_xd.fault_tolerance.checkpoints import CheckpointStore
 
 
@@ -69,7 +70,7 @@ class FaultTolerantCheckpoint(Checkpoint):
         """Whether the newest checkpoint is older than ``seconds``, by the first process's clock: every
         process must decide alike, since saving is collective."""
         older = time.monotonic() - self._last_save >= seconds
-        if trainer.world_size > 1 and not getattr(trainer.strategy, "saves_own_checkpoints", False):
+        if trainer.world_size > 1 and not declared(trainer.strategy).saves_own_checkpoints:
             _sync_logged_metrics(trainer)
             older = bool(trainer.strategy.broadcast(older, src=0))
         return older
@@ -95,7 +96,7 @@ class FaultTolerantCheckpoint(Checkpoint):
     # ---- how ----------------------------------------------------------------------------------
     def save(self, trainer, kind: str) -> None:
         """Every process takes part (Lightning gathers state); the first one writes and commits."""
-        if trainer.fast_dev_run or trainer.sanity_checking or getattr(trainer.strategy, "saves_own_checkpoints", False):
+        if trainer.fast_dev_run or trainer.sanity_checking or declared(trainer.strategy).saves_own_checkpoints:
             return
         step = trainer.global_step
         if step == self._last_step_saved:
@@ -146,7 +147,9 @@ def _sync_logged_metrics(trainer) -> None:
 
 def checkpoint_info(trainer, kind: str, run: dict[str, str] | None = None) -> dict[str, Any]:
     """What a manifest records about the run that wrote the checkpoint; ``run``: the model, dataset
-    and strategy names it was started with (``runner.run_identity``), where known."""
+    and strategy names it was started with (``runner.run_identity``), where known. ``pipeline_stages``:
+    the processes each batch passes through (a pipeline's stages; 1 where every process runs the
+    whole model)."""
     strategy = trainer.strategy
     return {
         "global_step": trainer.global_step,
@@ -154,6 +157,6 @@ def checkpoint_info(trainer, kind: str, run: dict[str, str] | None = None) -> di
         "kind": kind,
         "world_size": trainer.world_size,
         "strategy": type(strategy).__name__,
-        "pipeline_stages": getattr(strategy, "stages", None),
+        "pipeline_stages": declared(strategy).batch_sharing_processes,
         **({"run": dict(run)} if run else {}),
     }

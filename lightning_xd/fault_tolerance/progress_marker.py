@@ -13,6 +13,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
+from lightning_xd.files import write_json_atomically
+
 
 class ProgressMarker(Callback):
     def __init__(self, path: str | Path, min_interval_s: float = 0.0):
@@ -21,10 +23,7 @@ class ProgressMarker(Callback):
         self.state: dict = {}
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)  # fast_dev_run has no logger to create the run dir
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.path)
+        write_json_atomically(self.path, self.state)  # creates the run dir (fast_dev_run has no logger to)
         self._written = time.monotonic()
 
     def on_train_start(self, trainer, pl_module) -> None:

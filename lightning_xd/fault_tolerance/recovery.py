@@ -17,7 +17,7 @@ and the lost process's are not lost. Micro-steps of an open window after the fai
 (their batches belong to the old sharding). A failure while no window is open (after a step, in
 validation, at an epoch end) re-shards what is left of the epoch at once. The re-shard pads the
 rest to a multiple of the survivors, as a distributed sampler pads; the padding is counted in the
-recovery's record. Every recovery is logged and kept in ``recoveries``.
+recovery's record. Every recovery is logged and kept in ``recoveries()``.
 
 A process that hangs, or leaves without MPI noticing, is handled by the watchdog (``ulfm.Watchdog``):
 it ends the job for the supervisor. Manual optimization is not redone in the job (its steps are the
@@ -29,12 +29,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, TypeVar
 
 import torch
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
 
 from lightning_xd.comm import communicator as comm_layer
 from lightning_xd.comm import ulfm
@@ -44,19 +46,25 @@ T = TypeVar("T")
 
 
 class InJobRecovery:
-    supports_ulfm = True
+    """Mixin for an ``MPIStrategy`` (listed before it): in-job recovery of its automatic optimization steps."""
+
+    supports_in_job_recovery = True
+
+    def __init__(self, fault_tolerance: str | None = None, collective_timeout: float = 300.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.enable_recovery(fault_tolerance, collective_timeout)
 
     def enable_recovery(self, fault_tolerance: str | None, collective_timeout: float) -> None:
         """``fault_tolerance``: "ulfm", "none", or None for "ulfm when the job was started with it"."""
         wanted = (fault_tolerance or ("ulfm" if ulfm.available() else "none")) == "ulfm"
-        self.ulfm = wanted and self.supports_ulfm and ulfm.available() and self.comm.size > 1
-        if fault_tolerance == "ulfm" and self.supports_ulfm and self.comm.size > 1 and not ulfm.available():
+        self.ulfm = wanted and ulfm.available() and self.comm.size > 1
+        if fault_tolerance == "ulfm" and self.comm.size > 1 and not ulfm.available():
             rank_zero_warn(
                 "fault_tolerance='ulfm' is off: the job was not started with `mpirun --with-ft ulfm` "
                 "(train.py --nprocs does that); a lost process ends the job"
             )
         self.watchdog = ulfm.Watchdog(collective_timeout) if self.ulfm else None
-        self.recoveries: list[dict[str, Any]] = []
+        self.recovery_events: list[dict[str, Any]] = []
         self._in_step = False  # inside an optimizer step's attempt: a failure is the step's to handle
         self._step_agreed = False  # this attempt already joined its agreement
         if self.ulfm:
@@ -72,12 +80,27 @@ class InJobRecovery:
                 "process ends the job (--max-restarts restarts it from its last checkpoint)"
             )
 
-    def stop_recovery(self) -> None:
+    @override
+    def setup(self, trainer) -> None:
+        self.check_recovery_applies(self.lightning_module)
+        super().setup(trainer)
+
+    @override
+    def teardown(self) -> None:
         if self.watchdog is not None:
             comm_layer.watch_waits(None)
+        super().teardown()
+
+    def recoveries(self) -> list[dict[str, Any]]:
+        return self.recovery_events
+
+    def metric_sync_guard(self):
+        """A metric's gather is watched like any collective; a process lost there (during validation or
+        test, which are not redone on the survivors) ends the job, for the supervisor to restart."""
+        return ulfm.detect() if self.ulfm else nullcontext()
 
     # ---- any operation outside a step: agreed on, retried on the survivors -----------------------
-    def with_recovery(self, operation: Callable[[], T], what: str = "a collective") -> T:
+    def run_collective(self, operation: Callable[[], T], what: str = "a collective") -> T:
         if not self.ulfm:
             return operation()
         if self._in_step:  # the step's own handler recovers and redoes the whole step
@@ -97,6 +120,7 @@ class InJobRecovery:
                 self.recover()
 
     # ---- the training step: the window redone by the survivors on fresh batches ---------------
+    @override
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
         if not self.ulfm:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -129,6 +153,7 @@ class InJobRecovery:
             self._step_agreed = True
             ulfm.agree(self.comm)
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loader = self._loader()
         if self.ulfm and not self._in_step and loader is not None and loader.window_stale:
@@ -137,10 +162,12 @@ class InJobRecovery:
             return torch.zeros((), device=self.root_device, requires_grad=True)
         return super().training_step(*args, **kwargs)
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         loader = self._loader()
         if self.ulfm and loader is not None:
             loader.begin_window()
+        super().on_train_batch_start(batch, batch_idx)
 
     def _redo_window(self, lightning_closure, optimizer) -> Callable[[], Any]:
         """A closure like Lightning's that trains the whole window again on the survivors' new shards."""
@@ -149,8 +176,8 @@ class InJobRecovery:
         loader = self._loader()
         batches = []
         window = loader.reshard_window()
-        if self.recoveries:
-            self.recoveries[-1]["padded_samples"] = loader.padding
+        if self.recovery_events:
+            self.recovery_events[-1]["padded_samples"] = loader.padding
         for _ in range(window):
             try:
                 batches.append(self.batch_to_device(loader.next_batch()))
@@ -200,7 +227,7 @@ class InJobRecovery:
             "time": time.time(),
             "padded_samples": self._padding_now(),
         }
-        self.recoveries.append(event)
+        self.recovery_events.append(event)
         if self.is_global_zero:
             print(
                 f"recovered from the loss of rank(s) {lost} at step {event['global_step']} in "
@@ -231,35 +258,13 @@ class InJobRecovery:
         module = self.lightning_module
         return training_loader(module.trainer) if module is not None and module._trainer is not None else None
 
-    # ---- Lightning's collectives, retried ----------------------------------------------------
-    def reduce(self, *args: Any, **kwargs: Any) -> Any:
-        return self.with_recovery(lambda: super(InJobRecovery, self).reduce(*args, **kwargs), "reduce")
-
-    def all_gather(self, *args: Any, **kwargs: Any) -> Any:
-        return self.with_recovery(lambda: super(InJobRecovery, self).all_gather(*args, **kwargs), "all_gather")
-
-    def all_gather_object(self, obj: Any) -> list:
-        return self.with_recovery(lambda: super(InJobRecovery, self).all_gather_object(obj), "all_gather")
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return self.with_recovery(lambda: super(InJobRecovery, self).broadcast(obj, src), "broadcast")
-
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        return self.with_recovery(
-            lambda: super(InJobRecovery, self).reduce_boolean_decision(decision, all), "a decision"
-        )
-
-    def barrier(self, name: Any = None) -> None:
-        self.with_recovery(lambda: super(InJobRecovery, self).barrier(name), f"barrier {name or ''}")
-
-    def recovery_metrics(self) -> dict[str, Any]:
-        events = getattr(self, "recoveries", [])
-        return (
-            {
-                "fault/recoveries": len(events),
-                "fault/recovery_events": events,
-                "fault/recovery_s_mean": sum(e["seconds"] for e in events) / max(1, len(events)),
-            }
-            if events
-            else {}
-        )
+    def summary_metrics(self) -> dict[str, Any]:
+        events = self.recovery_events
+        if not events:
+            return super().summary_metrics()
+        return {
+            **super().summary_metrics(),
+            "fault/recoveries": len(events),
+            "fault/recovery_events": events,
+            "fault/recovery_s_mean": sum(e["seconds"] for e in events) / len(events),
+        }

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lightning_xd.errors import UserError
 from lightning_xd.fault_tolerance.progress_marker import read_progress
+from lightning_xd.files import write_json_atomically
 from lightning_xd.launch.launcher import mpirun_command, mpirun_environment
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0])
@@ -260,9 +261,7 @@ class Supervisor:
         except (OSError, ValueError):
             metrics = {}
         metrics.update(summary)
-        tmp = metrics_path.with_name(".metrics.json.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
-        os.replace(tmp, metrics_path)
+        write_json_atomically(metrics_path, metrics)
         if len(self.attempts) > 1:
             print(
                 f"supervisor: finished after {len(self.attempts) - 1} restart(s); downtime "

@@ -77,12 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft = p.add_argument_group("fault tolerance")
     ft.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N optimizer steps")
     ft.add_argument("--ckpt-every-seconds", type=float, help="also checkpoint every T seconds")
-    ft.add_argument(
-        "--ckpt-min-seconds",
-        type=float,
-        default=10.0,
-        help="skip an epoch-end checkpoint while the newest one is younger than this",
-    )
+    ft.add_argument("--ckpt-min-seconds", type=float, default=10.0, help="skip epoch-end checkpoints closer than T s")
     ft.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (every epoch end is one)")
     ft.add_argument(
         "--background-checkpoints",
@@ -102,18 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="ulfm",
         help="ulfm: survive killed processes inside the running job (MPI ULFM)",
     )
-    ft.add_argument(
-        "--collective-timeout",
-        type=float,
-        default=300.0,
-        help="seconds a collective may wait before it counts as a failure (watchdog)",
-    )
-    ft.add_argument(
-        "--max-restarts",
-        type=int,
-        default=0,
-        help="relaunch a job that ended without finishing, from its last checkpoint",
-    )
+    ft.add_argument("--collective-timeout", type=float, default=300.0, help="watchdog: seconds a collective may wait")
+    ft.add_argument("--max-restarts", type=int, default=0, help="relaunch an unfinished job from its last checkpoint")
     ft.add_argument("--min-nprocs", type=int, help="fewest processes a relaunch may run on (default 1)")
     ft.add_argument(
         "--inject-fault",
@@ -222,7 +207,8 @@ def default_run_dir(args: argparse.Namespace) -> Path:
 
 
 def registered_names() -> str:
-    """Every registered name with the flags its constructor takes."""
+    """Every registered name with the flags its constructor takes: a model's defaults and datasets,
+    a strategy's declared traits (``strategy_traits``)."""
     from lightning_xd.launch.registry import DATAMODULES, MODELS, STRATEGIES, flags_of
 
     lines = []
@@ -230,7 +216,27 @@ def registered_names() -> str:
         lines.append(f"{registry.kind}:")
         for name in registry.names():
             entry = registry.get(name)
-            defaults = "".join(f" [{k}={v}]" for k, v in entry.defaults.items())
+            if registry is STRATEGIES:
+                notes = "".join(f" [{trait}]" for trait in strategy_traits(entry.build))
+            else:
+                notes = "".join(f" [{k}={v}]" for k, v in entry.defaults.items())
             trains_on = f" trains on {', '.join(entry.trains_on)};" if registry is MODELS else ""
-            lines.append(f"  {name:16}{defaults}{trains_on} {' '.join(flags_of(entry.build))}")
+            lines.append(f"  {name:16}{notes}{trains_on} {' '.join(flags_of(entry.build))}")
     return "\n".join(lines)
+
+
+def strategy_traits(strategy: Any) -> list[str]:
+    """What a strategy (class) declares that differs from plain synchronous training, in words."""
+    from lightning_xd.contract import declared
+
+    contract = declared(strategy)
+    traits = []
+    if contract.max_processes is not None:
+        traits.append(f"at most {contract.max_processes} process(es)")
+    if contract.supports_in_job_recovery:
+        traits.append("in-job recovery")
+    if not contract.is_synchronous:
+        traits.append("asynchronous")
+    if contract.saves_own_checkpoints:
+        traits.append("saves its own checkpoints")
+    return traits

@@ -12,15 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_xd.comm.environment import in_mpi_job  # noqa: F401  (where train.py asks whether it runs in a job)
 from lightning_xd.errors import UserError
 
 # Variables every rank needs, also on remote hosts (where mpirun forwards only what it is told).
 _FORWARDED_PREFIXES = ("XD_", "PYTHON", "OMP_", "MKL_", "THP_", "CUDA_VISIBLE_DEVICES", "PATH", "LD_LIBRARY_PATH")
-
-
-def in_mpi_job() -> bool:
-    """True when this process was started by mpirun (or another PMIx launcher)."""
-    return any(key in os.environ for key in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"))
 
 
 def mpirun_executable() -> str:

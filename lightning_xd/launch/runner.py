@@ -7,27 +7,38 @@ domains, and (outside an MPI job) whether the run dir can be written. A checkpoi
 come from the same model, dataset and strategy: every checkpoint's manifest records them
 (``run_identity``), ``check`` compares the one ``--resume`` will pick from its manifest, and the
 rank that picks it (``choose_checkpoint``) compares again, from the checkpoint itself if need be.
+
+``run`` is one rank's part, in stages: join the job (``join_job``), build datamodule, model and
+strategy (``build_pieces``) and the Trainer (``build_trainer``, placed by ``trainer_placement``),
+fit, validate and test (``fit_validate_test``), collect the metrics (``collect_metrics``) and write
+them (``write_results``). The benchmarks build their runs from the same functions. What a
+strategy does beyond Lightning's own (its checks, figures, recoveries) is asked through
+``lightning_xd.contract.declared``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_xd.comm.environment import in_mpi_job
+from lightning_xd.contract import StrategyContract, declared
 from lightning_xd.errors import UserError
+from lightning_xd.files import write_json_atomically
 from lightning_xd.launch.cli import default_run_dir
 from lightning_xd.launch.cores import share_cores
-from lightning_xd.launch.launcher import in_mpi_job
 from lightning_xd.launch.registry import DATAMODULES, MODELS, STRATEGIES, check_domain, convert
 
 if TYPE_CHECKING:
+    from lightning.fabric.plugins.environments import ClusterEnvironment
     from lightning.pytorch import Trainer
 
 
@@ -44,10 +55,10 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
             f"(give --data {model.trains_on[0]}, its own, or leave --data out)"
         )
     strategy = STRATEGIES.get(args.strategy)
-    max_nprocs = strategy.defaults.get("max_nprocs")
-    if max_nprocs is not None and args.nprocs > max_nprocs:
+    max_processes = declared(strategy.build).max_processes
+    if max_processes is not None and args.nprocs > max_processes:
         raise UserError(
-            f"strategy {args.strategy!r} runs at most {max_nprocs} process(es), not --nprocs "
+            f"strategy {args.strategy!r} runs at most {max_processes} process(es), not --nprocs "
             f"{args.nprocs}; use --strategy mpi or ddp for several"
         )
     if args.max_epochs is None:
@@ -117,6 +128,13 @@ def check_run_dir(run_dir: str | Path) -> None:
         ) from None
 
 
+def in_job_recovery(args: argparse.Namespace) -> bool:
+    """Whether the job is started for in-job recovery (``mpirun --with-ft ulfm``): asked for
+    (``--fault-tolerance ulfm``), possible (several processes) and declared by the strategy."""
+    strategy = STRATEGIES.get(args.strategy).build
+    return args.fault_tolerance == "ulfm" and args.nprocs > 1 and declared(strategy).supports_in_job_recovery
+
+
 def run_identity(args: argparse.Namespace) -> dict[str, str]:
     """What a checkpoint records about the run that saved it, and what resuming it must match."""
     return {"model": args.model, "data": args.data, "strategy": args.strategy}
@@ -145,18 +163,33 @@ def _check_checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> None
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that can be checked before processes start, including the data on this host."""
-    from lightning_xd.launch.registry import accepted_settings
-
     settings = resolve(args)
     _check_checkpoint_to_resume(args, Path(settings["run_dir"]))
     datamodule = DATAMODULES.build(args.data, settings)
     datamodule.prepare_data()
-    check_settings = getattr(STRATEGIES.get(args.strategy).build, "check_settings", None)
-    if check_settings is not None:  # a strategy's own checks, on the model it will run
-        model = MODELS.build(args.model, settings, **datamodule.model_kwargs())
-        fixed = {"nprocs": args.nprocs, "model": model}
-        check_settings(**fixed, **accepted_settings(check_settings, settings, exclude=fixed))
+    check_strategy_settings(args.strategy, args.nprocs, args.model, datamodule, settings)
     return settings
+
+
+def check_strategy_settings(strategy: str, nprocs: int, model: str, datamodule, settings: dict[str, Any]) -> None:
+    """The strategy's own refusal (``StrategyContract.check_settings``) of ``nprocs`` processes and
+    ``settings``, on the model it would run (built from ``datamodule``'s shapes only when the strategy
+    declares checks of its own: the default accepts everything)."""
+    from lightning_xd.launch.registry import accepted_settings
+
+    check_settings = declared(STRATEGIES.get(strategy).build).check_settings
+    if check_settings is StrategyContract.check_settings:
+        return
+    built = MODELS.build(model, settings, **datamodule.model_kwargs())
+    fixed = {"nprocs": nprocs, "model": built}
+    check_settings(**fixed, **accepted_settings(check_settings, settings, exclude=fixed))
+
+
+def quiet() -> None:
+    """Silence Lightning's advice and warnings in this process (printed by every rank, they drown the run's output)."""
+    warnings.simplefilter("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _quiet_unless_rank_zero(rank: int) -> None:
@@ -165,12 +198,12 @@ def _quiet_unless_rank_zero(rank: int) -> None:
 
     rank_zero_only.rank = fabric_rank_zero_only.rank = rank
     if rank != 0:
-        warnings.simplefilter("ignore")
-        logging.getLogger("lightning").setLevel(logging.ERROR)
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        quiet()
 
 
-def _prepare_data_once_per_host(datamodule) -> None:
+def prepare_data_once_per_host(datamodule) -> None:
+    """Check, download and cache the data: in an MPI job by the first process of each host while the
+    others wait, so that no rank reads a file another is still writing."""
     if not in_mpi_job():
         datamodule.prepare_data()
         return
@@ -245,26 +278,46 @@ def _fault_tolerance_callbacks(args: argparse.Namespace, run_dir: Path) -> list:
     return callbacks
 
 
-def build_trainer(settings: dict[str, Any], strategy, callbacks: list) -> Trainer:
+def cluster_environment(strategy) -> ClusterEnvironment | None:
+    """The strategy's own cluster environment (every parallel strategy has one; one process has none)."""
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    return strategy.cluster_environment if isinstance(strategy, ParallelStrategy) else None
+
+
+def trainer_placement(strategy, plugins: Sequence = ()) -> dict[str, Any]:
+    """The Trainer arguments that put ``strategy``'s processes in place: accelerator, strategy, hosts and
+    plugins (``plugins`` and, for a strategy without a cluster environment of its own, Lightning's plain
+    one, so that Lightning never probes for MPI itself: that can hang a Trainer outside an MPI job,
+    Lightning issue 20049)."""
     from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    parallel = isinstance(strategy, ParallelStrategy)
+    return {
+        "accelerator": strategy.root_device.type,
+        "strategy": strategy,
+        "num_nodes": strategy.num_nodes if parallel else 1,
+        "plugins": [*([] if cluster_environment(strategy) is not None else [LightningEnvironment()]), *plugins],
+    }
+
+
+def build_trainer(settings: dict[str, Any], strategy, callbacks: list) -> Trainer:
+    """train.py's Trainer: checkpoints through ``VerifiedCheckpointIO`` (in the background unless
+    ``--background-checkpoints false``), TensorBoard logs in the run dir, progress bar and model
+    summary on the first process only."""
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_xd.fault_tolerance.checkpoints import BackgroundCheckpointIO, VerifiedCheckpointIO
 
-    environment = getattr(strategy, "cluster_environment", None)
-    # A strategy without an environment of its own gets one, so that Lightning never probes for MPI
-    # itself: that can hang a Trainer outside an MPI job (Lightning issue 20049).
-    plugins = [] if environment is not None else [LightningEnvironment()]
     checkpoint_io = VerifiedCheckpointIO(settings["keep_last"])
-    plugins.append(BackgroundCheckpointIO(checkpoint_io) if settings["background_checkpoints"] else checkpoint_io)
+    io = BackgroundCheckpointIO(checkpoint_io) if settings["background_checkpoints"] else checkpoint_io
+    environment = cluster_environment(strategy)
     rank_zero = environment is None or environment.global_rank() == 0
     return Trainer(
-        accelerator=strategy.root_device.type,
-        strategy=strategy,
-        num_nodes=getattr(strategy, "num_nodes", 1),
-        plugins=plugins,
+        **trainer_placement(strategy, [io]),
         max_epochs=settings["max_epochs"],
         max_steps=settings["max_steps"],
         fast_dev_run=settings["fast_dev_run"],
@@ -282,60 +335,111 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train and test in this process (one rank of the job); returns what metrics.json holds."""
     started = time.perf_counter()
     settings = resolve(args)
-    if in_mpi_job():
-        from lightning_xd.comm.communicator import world
-
-        if world().size != args.nprocs:
-            raise UserError(
-                f"--nprocs {args.nprocs} but this MPI job has {world().size} processes; "
-                "drop mpirun and let --nprocs start the job"
-            )
-        _quiet_unless_rank_zero(world().rank)
-        share_cores(world().local())
-
-    from lightning.pytorch import seed_everything
-
-    from lightning_xd.callbacks import RunSummary, StragglerDelay, parse_straggler
-
-    seed_everything(args.seed, workers=True, verbose=False)
-    datamodule = DATAMODULES.build(args.data, settings)
-    strategy = STRATEGIES.build(args.strategy, settings)
-    _prepare_data_once_per_host(datamodule)
-    model_kwargs = datamodule.model_kwargs()
-    with strategy.tensor_init_context():  # what trainer.init_module() does: hybrid builds only its own stages
-        model = MODELS.build(args.model, settings, **model_kwargs)
+    join_job(args.nprocs)
+    datamodule, model, strategy = build_pieces(args.model, args.data, args.strategy, settings, args.seed)
     run_dir = Path(settings["run_dir"])
-    summary = RunSummary()
-    callbacks = [StragglerDelay(*parse_straggler(args.straggler_delay))] if args.straggler_delay else []
     resume_from = _checkpoint_to_resume(args, run_dir)
-    ft_callbacks = _fault_tolerance_callbacks(args, run_dir)
-    from lightning_xd.viz import TrainingDashboard
-
-    dashboard = TrainingDashboard(run_dir, args.dashboard_every, args.dashboard_video)
-    trainer = build_trainer(settings, strategy, [*callbacks, summary, dashboard, *ft_callbacks])
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
-    totals = {**summary.totals(trainer), **checkpoint_overhead(ft_callbacks[0], summary)}
-    validated = trainer.validate(model, datamodule=datamodule, verbose=False)
-    tested = trainer.test(model, datamodule=datamodule, verbose=trainer.is_global_zero)
-    metrics = {
-        "model": args.model,
-        "data": args.data,
-        "strategy": args.strategy,
-        "world_size": trainer.world_size,
-        **(validated[0] if validated else {}),
-        **(tested[0] if tested else {}),
-        **totals,
-        **(strategy.summary_metrics() if hasattr(strategy, "summary_metrics") else {}),
-        "wall_time_s": time.perf_counter() - started,
-    }
+    callbacks = RunCallbacks.for_run(args, run_dir)
+    trainer = build_trainer(settings, strategy, callbacks.all)
+    figures = fit_validate_test(trainer, model, datamodule, resume_from, callbacks)
+    metrics = {**collect_metrics(args, trainer, figures), "wall_time_s": time.perf_counter() - started}
     if trainer.is_global_zero:
-        write_json(run_dir / "metrics.json", metrics)
-        (run_dir / "COMPLETED").write_text(f"{time.time()}\n")  # the supervisor's sign that the run finished
-    if getattr(strategy, "recoveries", None):
+        write_results(run_dir, metrics)
+    if declared(strategy).recoveries():
         from lightning_xd.comm.ulfm import leave_after_failure
 
         leave_after_failure()
     return metrics
+
+
+def join_job(nprocs: int) -> None:
+    """In an MPI job: check that it has ``nprocs`` processes, quiet every rank but the first, and give
+    this process its share of the host's cores. Outside one, nothing."""
+    if not in_mpi_job():
+        return
+    from lightning_xd.comm.communicator import world
+
+    if world().size != nprocs:
+        raise UserError(
+            f"--nprocs {nprocs} but this MPI job has {world().size} processes; "
+            "drop mpirun and let --nprocs start the job"
+        )
+    _quiet_unless_rank_zero(world().rank)
+    share_cores(world().local())
+
+
+def build_pieces(
+    model: str,
+    data: str,
+    strategy: str,
+    settings: dict[str, Any],
+    seed: int,
+    strategy_settings: dict | None = None,
+    prepare: bool = True,
+) -> tuple[Any, Any, Any]:
+    """Datamodule, model and strategy from their names and the settings their constructors accept
+    (``strategy_settings`` for the strategy only), from ``seed``. The data is prepared once per host
+    (``prepare``; a collective in an MPI job, so ``prepare=False`` where it was prepared before) and
+    the model built after it (its shapes come from the data), inside the strategy's
+    ``tensor_init_context`` as ``trainer.init_module()`` would: the hybrid strategy builds only its
+    own stages."""
+    from lightning.pytorch import seed_everything
+
+    seed_everything(seed, workers=True, verbose=False)
+    datamodule = DATAMODULES.build(data, settings)
+    built_strategy = STRATEGIES.build(strategy, {**settings, **(strategy_settings or {})})
+    if prepare:
+        prepare_data_once_per_host(datamodule)
+    with built_strategy.tensor_init_context():
+        built_model = MODELS.build(model, settings, **datamodule.model_kwargs())
+    return datamodule, built_model, built_strategy
+
+
+@dataclass
+class RunCallbacks:
+    """train.py's callbacks, in the order their hooks run; ``summary`` and ``checkpoints`` give figures."""
+
+    summary: Any
+    checkpoints: Any
+    all: list
+
+    @classmethod
+    def for_run(cls, args: argparse.Namespace, run_dir: Path) -> RunCallbacks:
+        from lightning_xd.callbacks import RunSummary, StragglerDelay, parse_straggler
+        from lightning_xd.viz import TrainingDashboard
+
+        summary = RunSummary()
+        straggler = [StragglerDelay(*parse_straggler(args.straggler_delay))] if args.straggler_delay else []
+        dashboard = TrainingDashboard(run_dir, args.dashboard_every, args.dashboard_video)
+        fault_tolerance = _fault_tolerance_callbacks(args, run_dir)
+        return cls(summary, fault_tolerance[0], [*straggler, summary, dashboard, *fault_tolerance])
+
+
+def fit_validate_test(trainer: Trainer, model, datamodule, resume_from: str | None, callbacks: RunCallbacks) -> dict:
+    """Fit (from ``resume_from``, if given), then validate and test; the figures of all three. The
+    training figures are reduced over the job (every rank takes part) between fitting and validating."""
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+    totals = {**callbacks.summary.totals(trainer), **checkpoint_overhead(callbacks.checkpoints, callbacks.summary)}
+    validated = trainer.validate(model, datamodule=datamodule, verbose=False)
+    tested = trainer.test(model, datamodule=datamodule, verbose=trainer.is_global_zero)
+    return {**(validated[0] if validated else {}), **(tested[0] if tested else {}), **totals}
+
+
+def collect_metrics(args: argparse.Namespace, trainer: Trainer, figures: dict) -> dict[str, Any]:
+    """What metrics.json holds, but for the wall time: the run's names and size, the figures of
+    ``fit_validate_test`` and the strategy's own (which win over those of the same name)."""
+    return {
+        **run_identity(args),
+        "world_size": trainer.world_size,
+        **figures,
+        **declared(trainer.strategy).summary_metrics(),
+    }
+
+
+def write_results(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """``metrics.json``, then ``COMPLETED``: the supervisor's sign that the run finished."""
+    write_json_atomically(run_dir / "metrics.json", metrics)
+    (run_dir / "COMPLETED").write_text(f"{time.time()}\n")
 
 
 def checkpoint_overhead(checkpoints, summary) -> dict[str, float]:
@@ -346,11 +450,3 @@ def checkpoint_overhead(checkpoints, summary) -> dict[str, float]:
         "checkpoint/save_s_mean": sum(saves) / max(1, len(saves)),
         "checkpoint/overhead_pct": 100.0 * sum(saves) / max(summary.step_seconds, 1e-9),
     }
-
-
-def write_json(path: Path, content: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)

@@ -38,14 +38,21 @@ as one, as Lightning stops every process when one of them asks to: the computati
 still applied, then every other worker is told to stop.
 
 Optional delay compensation (DC-ASGD, Zheng et al. 2017): g + lambda * g * g * (w_now - w_pulled).
+
+Wire format: a worker's message is a ``Header`` (``TAG_HEADER``) naming its ``MessageKind``, followed,
+for a GRADIENT only, by the payload tensors (``TAG_PAYLOAD``) in ``ParameterSet``'s order. The server
+answers with a ``Reply`` (``TAG_REPLY``: the parameters' version, and whether to go on) followed by
+the parameters and counters (``TAG_REPLY_PAYLOAD``).
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -55,8 +62,66 @@ from lightning_xd.comm.flat import FlatLayout
 
 SERVER = 0
 TAG_HEADER, TAG_PAYLOAD, TAG_REPLY, TAG_REPLY_PAYLOAD = 101, 102, 103, 104
-HELLO, GRADIENT, SKIPPED, LEAVE, FINISHED = 0.0, 1.0, 2.0, 3.0, 4.0
-HEADER_SIZE = 5  # kind, version computed from, steps per epoch (hello), optimizer index or epochs done, loss, spare
+
+
+class MessageKind(enum.IntEnum):
+    """What a worker's message to the server says."""
+
+    HELLO = 0  # joining the run: steps per epoch; answered with parameters (or stop)
+    GRADIENT = 1  # a computation's gradient, payload follows; answered with parameters (or stop)
+    SKIPPED = 2  # a computation ended without a gradient; answered with parameters (or stop)
+    LEAVE = 3  # stopping on its own: the run stops as one; no answer
+    FINISHED = 4  # its epochs are done (workers count epochs): the run goes on without it; no answer
+
+
+@dataclass(frozen=True)
+class Header:
+    """A worker's message to the server, before any payload; each field means one thing in every kind."""
+
+    kind: MessageKind
+    version: int = -1  # version of the parameters the computation started from (-1: none yet)
+    optimizer: int = 0  # GRADIENT, SKIPPED: whose parameters the computation's step was for
+    steps_per_epoch: int = 0  # HELLO: steps in one pass over the worker's shard (0: unknown)
+    epochs: int = 0  # FINISHED: epochs the worker did
+    loss: float = 0.0  # GRADIENT, SKIPPED: the computation's loss (nan: none)
+
+    SIZE: ClassVar[int] = 6
+
+    def to_tensor(self) -> Tensor:
+        values = [self.kind, self.version, self.optimizer, self.steps_per_epoch, self.epochs, self.loss]
+        return torch.tensor(values, dtype=torch.float64)  # exact for integers below 2**53
+
+    @classmethod
+    def empty_tensor(cls) -> Tensor:
+        return torch.empty(cls.SIZE, dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> Header:
+        kind, version, optimizer, steps_per_epoch, epochs, loss = t.tolist()
+        return cls(MessageKind(int(kind)), int(version), int(optimizer), int(steps_per_epoch), int(epochs), loss)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The server's answer to a worker, before the parameters: their version, and whether to go on
+    computing (False: the run is over for this worker; the parameters come all the same)."""
+
+    version: int
+    go: bool
+
+    SIZE: ClassVar[int] = 2
+
+    def to_tensor(self) -> Tensor:
+        return torch.tensor([self.version, int(self.go)], dtype=torch.int64)
+
+    @classmethod
+    def empty_tensor(cls) -> Tensor:
+        return torch.empty(cls.SIZE, dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> Reply:
+        version, go = t.tolist()
+        return cls(int(version), bool(go))
 
 
 class ParameterSet:
@@ -119,7 +184,7 @@ class Gradient:
     sparse: list[tuple[Tensor, Tensor]]
     buffers: Tensor | None
     counters: Tensor | None  # how far the integer buffers moved during the computation
-    applied: bool = True  # False: the worker's step ended without a gradient (SKIPPED)
+    applied: bool = True  # False: the worker's step ended without a gradient (MessageKind.SKIPPED)
 
 
 class WorkerClient:
@@ -131,33 +196,33 @@ class WorkerClient:
         self.stopped = False  # the server said stop, or we left: nothing more may be sent
         self.pulled_counters: Tensor | None = None
 
-    def _send_header(self, kind: float, a: float, b: float, loss: float = 0.0) -> None:
-        self.comm.send(torch.tensor([kind, a, b, loss, 0.0], dtype=torch.float64), SERVER, TAG_HEADER)
+    def _send_header(self, header: Header) -> None:
+        self.comm.send(header.to_tensor(), SERVER, TAG_HEADER)
 
     def hello(self, steps_per_epoch: int) -> bool:
         """Announce ourselves and how many steps one pass over our shard takes (0: unknown);
         returns False when the server says stop instead of sending parameters."""
-        self._send_header(HELLO, -1, steps_per_epoch)
+        self._send_header(Header(MessageKind.HELLO, steps_per_epoch=steps_per_epoch))
         return self.pull()
 
     def skip(self, optimizer: int) -> None:
         """End the computation in flight without a gradient (the step was skipped)."""
-        self._send_header(SKIPPED, self.version, optimizer, float("nan"))
+        self._send_header(Header(MessageKind.SKIPPED, self.version, optimizer=optimizer, loss=float("nan")))
 
     def leave(self) -> None:
         """Stop before the server said so: our computation in flight will never be pushed."""
-        self._send_header(LEAVE, self.version, 0)
+        self._send_header(Header(MessageKind.LEAVE, self.version))
         self.stopped = True
 
     def finish(self, epochs: int) -> None:
         """Our last epoch is done (the workers count epochs): the run goes on without us."""
-        self._send_header(FINISHED, self.version, epochs)
+        self._send_header(Header(MessageKind.FINISHED, self.version, epochs=epochs))
         self.stopped = True
 
     def push(self, optimizer: int, loss: float) -> None:
         """Send the gradients of ``optimizer``'s parameters, tagged with the version they come from."""
         p = self.params
-        self._send_header(GRADIENT, self.version, optimizer, loss)
+        self._send_header(Header(MessageKind.GRADIENT, self.version, optimizer=optimizer, loss=loss))
         if p.dense_layouts[optimizer] is not None:
             present = torch.tensor([q.grad is not None for q in p.dense[optimizer]], dtype=torch.uint8)
             self.comm.send(present, SERVER, TAG_PAYLOAD)
@@ -177,8 +242,9 @@ class WorkerClient:
 
     def pull(self) -> bool:
         """Wait for the server's newest parameters; False when they come with the order to stop."""
-        header = torch.empty(2, dtype=torch.int64)
-        self.comm.irecv(header, SERVER, TAG_REPLY).wait(yield_cpu=True)  # the server may make us wait
+        received = Reply.empty_tensor()
+        self.comm.irecv(received, SERVER, TAG_REPLY).wait(yield_cpu=True)  # the server may make us wait
+        reply = Reply.from_tensor(received)
         flat = self.params.state.empty()
         self.comm.recv(flat, SERVER, TAG_REPLY_PAYLOAD)
         self.params.load_state(flat)
@@ -186,8 +252,8 @@ class WorkerClient:
             self.pulled_counters = self.params.counter_layout.empty()
             self.comm.recv(self.pulled_counters, SERVER, TAG_REPLY_PAYLOAD)
             self.params.load_counters(self.pulled_counters)
-        self.version = int(header[0])
-        self.stopped = not bool(header[1])
+        self.version = reply.version
+        self.stopped = not reply.go
         return not self.stopped
 
 
@@ -254,8 +320,8 @@ class ParameterServer:
         """Run until every worker has stopped. ``limit(steps_per_epoch)`` -> the steps the run takes (inf:
         until every worker has finished its epochs)."""
         for _ in self.workers:  # every worker says hello first: the epoch size is the sum of theirs
-            header, worker = self._receive_header()
-            self.steps_per_epoch += int(header[2])
+            worker, header = self._receive_header()
+            self.steps_per_epoch += header.steps_per_epoch
             self.waiting.append(worker)
         self.limit = limit(self.steps_per_epoch)
         self._answer_waiting()
@@ -277,23 +343,26 @@ class ParameterServer:
         return self.stats
 
     # ---- receiving -------------------------------------------------------------------------
-    def _receive_header(self) -> tuple[Tensor, int]:
-        header = torch.empty(HEADER_SIZE, dtype=torch.float64)
-        status = self.comm.recv(header, tag=TAG_HEADER)
-        return header, status.Get_source()
+    def _receive_header(self) -> tuple[int, Header]:
+        """The next header from any worker: (worker, header)."""
+        received = Header.empty_tensor()
+        status = self.comm.recv(received, tag=TAG_HEADER)
+        return status.Get_source(), Header.from_tensor(received)
 
     def _receive_gradient(self) -> Gradient | None:
         """The next worker's gradient (or SKIPPED); None when the message was a worker leaving."""
-        header, worker = self._receive_header()
-        kind, version, optimizer, loss = float(header[0]), int(header[1]), int(header[2]), float(header[3])
-        if kind == LEAVE:
+        worker, header = self._receive_header()
+        version, optimizer, loss = header.version, header.optimizer, header.loss
+        if header.kind == MessageKind.LEAVE:
             self._leave(worker)
             return None
-        if kind == FINISHED:
-            self._finish(worker, epochs=optimizer)
+        if header.kind == MessageKind.FINISHED:
+            self._finish(worker, epochs=header.epochs)
             return None
-        if kind == SKIPPED:
+        if header.kind == MessageKind.SKIPPED:
             return Gradient(worker, version, optimizer, loss, None, None, [], None, None, applied=False)
+        if header.kind != MessageKind.GRADIENT:
+            raise RuntimeError(f"worker {worker} sent {header.kind.name} during training")
         p = self.params
         dense = present = None
         if p.dense_layouts[optimizer] is not None:
@@ -394,7 +463,7 @@ class ParameterServer:
             self.waiting.remove(worker)
 
     def _reply(self, worker: int, go: bool) -> None:
-        self.comm.send(torch.tensor([self.version, int(go)]), worker, TAG_REPLY)
+        self.comm.send(Reply(self.version, go).to_tensor(), worker, TAG_REPLY)
         state = self.params.pack_state()
         self.comm.send(state, worker, TAG_REPLY_PAYLOAD)
         if self.params.counter_layout is not None:

@@ -1,11 +1,12 @@
-"""Pipeline parallelism: a model's stages on different processes, micro-batches flowing through.
+"""Pipeline parallelism: a model cut into stages on different processes, micro-batches flowing through.
 
-A model that supports it exposes ``pipeline_stages()`` (modules called as ``stage(h, batch)``),
-``pipeline_input(batch)`` and ``pipeline_loss(output, batch, stage)``. Each process of a
-pipeline group runs a contiguous part of the stages; activations go forward and their
-gradients backward between neighbours as point-to-point messages. The graph structure of a
-micro-batch is not sent: every process of a pipeline reads the same batches from the same
-deterministic loader.
+A model that supports it exposes ``pipeline_blocks()`` (its blocks in order, each called as
+``block(h, batch)``), ``pipeline_input(batch)`` and ``pipeline_loss(output, batch, split)``
+(``lightning_xd.models.pipelined`` writes this contract once). A pipeline of P processes cuts the
+blocks into P stages, stage s being one or more consecutive blocks (``partition``); process s of
+the pipeline runs stage s. Activations go forward and their gradients backward between
+neighbouring stages as point-to-point messages. The graph structure of a micro-batch is not sent:
+every process of a pipeline reads the same batches from the same deterministic loader.
 
 Schedules (one step, P stages, M micro-batches):
 - ``gpipe``: all M forwards, then all M backwards.
@@ -31,12 +32,13 @@ from lightning_xd.errors import UserError
 SCHEDULES = ("gpipe", "1f1b")
 
 
-def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
-    """The order of forward ("F", i) and backward ("B", i) passes of ``stage`` in one step."""
+def schedule(kind: str, stage: int, stage_count: int, microbatches: int) -> list[tuple[str, int]]:
+    """The order of forward ("F", i) and backward ("B", i) passes of stage ``stage`` (of ``stage_count``)
+    in one step."""
     if kind == "gpipe":
         return [("F", i) for i in range(microbatches)] + [("B", i) for i in reversed(range(microbatches))]
     if kind == "1f1b":
-        warmup = min(stages - stage - 1, microbatches)
+        warmup = min(stage_count - stage - 1, microbatches)
         ops = [("F", i) for i in range(warmup)]
         for i in range(warmup, microbatches):
             ops += [("F", i), ("B", i - warmup)]
@@ -45,7 +47,8 @@ def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tupl
 
 
 def partition(sizes: Sequence[int], parts: int) -> list[range]:
-    """Split a sequence of stage sizes into ``parts`` contiguous groups with the smallest largest group."""
+    """Cut blocks of the given sizes into ``parts`` stages of consecutive blocks, the largest stage as
+    small as it can be; returns each stage's range of block indices."""
     n = len(sizes)
     prefix = [0]
     for s in sizes:
@@ -80,23 +83,46 @@ class StepTimes:
         return max(0.0, self.total - self.busy) / self.total if self.total else 0.0
 
 
-class PipelineStage:
-    """This process's stages of a pipeline: runs them over micro-batches with its neighbours."""
+def _activation_tag(i: int) -> int:
+    """Message tag of micro-batch ``i``'s activation, sent forward to the next stage."""
+    return 2 * i
 
-    def __init__(self, modules: Sequence[nn.Module], model: nn.Module, comm: Communicator):
-        self.modules, self.model, self.comm = list(modules), model, comm
-        self.stage, self.stages = comm.rank, comm.size
-        self.first, self.last = self.stage == 0, self.stage == self.stages - 1
+
+def _gradient_tag(i: int) -> int:
+    """Message tag of the gradient of micro-batch ``i``'s activation, sent back to the previous stage."""
+    return 2 * i + 1
+
+
+@dataclass
+class _TrainStep:
+    """What one training step of a stage keeps between its forward and backward passes."""
+
+    microbatches: list
+    weights: Sequence[float]
+    inputs: dict[int, Tensor] = field(default_factory=dict)  # received activations, until their backward
+    outputs: dict[int, Tensor] = field(default_factory=dict)  # outputs (weighted losses on the last stage)
+    last_outputs: list = field(default_factory=list)  # the last stage's outputs, detached
+    losses: list[Tensor] = field(default_factory=list)  # the last stage's losses, unweighted
+    sends: list[Handle] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.last_outputs = [None] * len(self.microbatches)
+
+
+class PipelineStage:
+    """This process's stage of a pipeline (its consecutive blocks of the model): runs them over
+    micro-batches, exchanging activations and gradients with the neighbouring stages.
+
+    ``comm`` is the pipeline's communicator: its rank is this stage's index, its size the number of
+    stages."""
+
+    def __init__(self, blocks: Sequence[nn.Module], model: nn.Module, comm: Communicator):
+        self.blocks, self.model, self.comm = list(blocks), model, comm
+        self.stage, self.stage_count = comm.rank, comm.size
+        self.first, self.last = self.stage == 0, self.stage == self.stage_count - 1
         self.times = StepTimes()
         self.recorded: list[StepTimes] = []
-
-    def _run_modules(self, h: Tensor, batch: Any) -> Tensor:
-        for module in self.modules:
-            h = module(h, batch)
-        return h
-
-    def _receive(self, tag: int, source: int, like: Any) -> Tensor:
-        return self.comm.recv_tensor(source, tag, device=_device_of(like))
+        self._step_start = 0.0
 
     def train_step(
         self,
@@ -117,48 +143,17 @@ class PipelineStage:
         Returns the outputs of the last stage, detached, on every process of the pipeline, and (on the
         last stage only) the micro-batches' losses, unweighted.
         """
-        ops = schedule(kind, self.stage, self.stages, len(microbatches))
+        ops = schedule(kind, self.stage, self.stage_count, len(microbatches))
         last_backward = max(n for n, (op, _) in enumerate(ops) if op == "B")
-        inputs: dict[int, Tensor] = {}
-        outputs: dict[int, Tensor] = {}
-        last_outputs: list = [None] * len(microbatches)
-        losses: list[Tensor] = []
-        sends: list[Handle] = []
-        step_start = time.perf_counter()
-        self.times = StepTimes()
+        step = _TrainStep(microbatches, weights)
+        self._start_timing()
         for n, (op, i) in enumerate(ops):
-            batch = microbatches[i]
             if op == "F":
-                received = None if self.first else self._receive(2 * i, self.stage - 1, batch).requires_grad_()
-                start = time.perf_counter()
-                with forward_context():
-                    out = self._run_modules(self.model.pipeline_input(batch) if self.first else received, batch)
-                    if self.last:
-                        last_outputs[i] = out.detach()
-                        loss = self.model.pipeline_loss(out, batch, "train")
-                        losses.append(loss.detach())
-                        out = loss * weights[i]
-                if received is not None:
-                    inputs[i] = received
-                if not self.last:
-                    sends += self.comm.isend_tensor(out, self.stage + 1, 2 * i)
-                outputs[i] = out
+                self._forward(step, i, forward_context)
             else:
-                grad = None if self.last else self._receive(2 * i + 1, self.stage + 1, batch)
-                start = time.perf_counter()
-                if n == last_backward:
-                    before_last_backward(outputs[i])
-                backward(outputs.pop(i), grad)
-                if not self.first:
-                    sends += self.comm.isend_tensor(inputs.pop(i).grad, self.stage - 1, 2 * i + 1)
-            self._record(op, i, start, step_start)
-        wait_all(sends)
-        # The step ends when the whole pipeline is done: without this, the last stage would stop its
-        # clock before the first stage's final backward and count none of that wait as idle.
-        self.comm.barrier()
-        self.times.total = time.perf_counter() - step_start
-        self.recorded.append(self.times)
-        return self._share_outputs(last_outputs, microbatches[0]), losses
+                self._backward(step, i, backward, before_last_backward if n == last_backward else None)
+        self._end_step(step.sends)
+        return self._share_outputs(step.last_outputs, microbatches[0]), step.losses
 
     def eval_step(self, microbatches: list, forward_context: Callable[[], AbstractContextManager]) -> list[Tensor]:
         """Forward only, inside ``forward_context()``; the last stage's outputs, on every process of the pipeline."""
@@ -166,24 +161,89 @@ class PipelineStage:
         last_outputs: list = [None] * len(microbatches)
         with torch.no_grad():
             for i, batch in enumerate(microbatches):
-                received = None if self.first else self._receive(2 * i, self.stage - 1, batch)
+                received = None if self.first else self._receive(_activation_tag(i), self.stage - 1, batch)
                 with forward_context():
-                    out = self._run_modules(self.model.pipeline_input(batch) if self.first else received, batch)
+                    out = self._run_blocks(received, batch)
                 if self.last:
                     last_outputs[i] = out
                 else:
-                    sends += self.comm.isend_tensor(out, self.stage + 1, 2 * i)
+                    sends += self.comm.isend_tensor(out, self.stage + 1, _activation_tag(i))
         wait_all(sends)
         return self._share_outputs(last_outputs, microbatches[0])
 
+    # ---- one pass of the schedule ---------------------------------------------------------------
+    def _forward(self, step: _TrainStep, i: int, forward_context: Callable[[], AbstractContextManager]) -> None:
+        """Micro-batch ``i`` through this stage: its activation in (the batch's input on the first stage),
+        this stage's output on to the next stage; on the last stage, the loss, weighted, kept for backward."""
+        batch = step.microbatches[i]
+        received = None if self.first else self._receive(_activation_tag(i), self.stage - 1, batch).requires_grad_()
+        start = time.perf_counter()
+        with forward_context():
+            out = self._run_blocks(received, batch)
+            if self.last:
+                step.last_outputs[i] = out.detach()
+                loss = self.model.pipeline_loss(out, batch, "train")
+                step.losses.append(loss.detach())
+                out = loss * step.weights[i]
+        if received is not None:
+            step.inputs[i] = received
+        if not self.last:
+            step.sends += self.comm.isend_tensor(out, self.stage + 1, _activation_tag(i))
+        step.outputs[i] = out
+        self._record("F", i, start)
+
+    def _backward(
+        self,
+        step: _TrainStep,
+        i: int,
+        backward: Callable[[Tensor, Tensor | None], None],
+        before: Callable[[Tensor], None] | None,
+    ) -> None:
+        """Micro-batch ``i`` back through this stage: the gradient of its output in (none on the last
+        stage, whose output is the loss), the gradient of its input back to the previous stage.
+        ``before(output)``, if given, runs first."""
+        grad = None if self.last else self._receive(_gradient_tag(i), self.stage + 1, step.microbatches[i])
+        start = time.perf_counter()
+        if before is not None:
+            before(step.outputs[i])
+        backward(step.outputs.pop(i), grad)
+        if not self.first:
+            step.sends += self.comm.isend_tensor(step.inputs.pop(i).grad, self.stage - 1, _gradient_tag(i))
+        self._record("B", i, start)
+
+    def _run_blocks(self, received: Tensor | None, batch: Any) -> Tensor:
+        """This stage's blocks in order, from the received activation (the batch's input on the first stage)."""
+        h = self.model.pipeline_input(batch) if self.first else received
+        for block in self.blocks:
+            h = block(h, batch)
+        return h
+
+    def _receive(self, tag: int, source: int, like: Any) -> Tensor:
+        return self.comm.recv_tensor(source, tag, device=_device_of(like))
+
     def _share_outputs(self, outputs: list, like: Any) -> list[Tensor]:
-        root, device = self.stages - 1, _device_of(like)
+        root, device = self.stage_count - 1, _device_of(like)
         return [self.comm.broadcast_tensor(o if self.last else None, root).to(device) for o in outputs]
 
-    def _record(self, op: str, i: int, start: float, step_start: float) -> None:
+    # ---- timing ---------------------------------------------------------------------------------
+    def _start_timing(self) -> None:
+        self._step_start = time.perf_counter()
+        self.times = StepTimes()
+
+    def _record(self, op: str, i: int, start: float) -> None:
+        """Pass ``op`` of micro-batch ``i`` computed from ``start`` until now (waiting for its input excluded)."""
         end = time.perf_counter()
         self.times.busy += end - start
-        self.times.timeline.append((op, i, start - step_start, end - step_start))
+        self.times.timeline.append((op, i, start - self._step_start, end - self._step_start))
+
+    def _end_step(self, sends: list[Handle]) -> None:
+        """Wait for this step's messages and for the whole pipeline, then record the step's time."""
+        wait_all(sends)
+        # The step ends when the whole pipeline is done: without this, the last stage would stop its
+        # clock before the first stage's final backward and count none of that wait as idle.
+        self.comm.barrier()
+        self.times.total = time.perf_counter() - self._step_start
+        self.recorded.append(self.times)
 
 
 def _device_of(batch: Any) -> torch.device:

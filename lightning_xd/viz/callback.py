@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_xd.callbacks.run_summary import batch_size_of
 from lightning_xd.comm.collectives import gather_objects
+from lightning_xd.contract import declared
 from lightning_xd.viz.dashboard import render
 
 
@@ -56,7 +57,7 @@ class TrainingDashboard(Callback):
     @staticmethod
     def _synchronous(trainer) -> bool:
         """Gathering mid-training needs every rank at the same step (not so for asynchronous workers)."""
-        return not getattr(trainer.strategy, "saves_own_checkpoints", False)
+        return declared(trainer.strategy).is_synchronous
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.publish(trainer)
@@ -66,7 +67,7 @@ class TrainingDashboard(Callback):
 
     # ---- gathering and drawing (rank 0) -----------------------------------------------------
     def figures(self, trainer, per_rank: list) -> dict:
-        summary = trainer.strategy.summary_metrics() if hasattr(trainer.strategy, "summary_metrics") else {}
+        summary = declared(trainer.strategy).summary_metrics()
         title = (
             f"{type(trainer.lightning_module).__name__} - {type(trainer.strategy).__name__} - "
             f"{trainer.world_size} process(es) - step {trainer.global_step}"

@@ -1,7 +1,7 @@
 """The ``async`` strategy's cases, in one MPI job of 2 ranks (the server and one worker: deterministic, compared
 with one process by the tests) or 3 ranks (the server and two workers: checked for the strategy's invariants).
 
-usage: async_job.py OUT_DIR CASE/STRATEGY [CASE/STRATEGY ...]
+usage: async_job.py --out DIR --cases CASE/STRATEGY [CASE/STRATEGY ...]
 The cases of conformance.cases, and the async strategy's own:
 - refusals: what needs validation during training (EarlyStopping, ModelCheckpoint(monitor=...),
   ReduceLROnPlateau, val_check_interval) on the classifier: each fit must end in the same one-line error on
@@ -9,23 +9,16 @@ The cases of conformance.cases, and the async strategy's own:
 - straggler: the classifier for 2 epochs while rank 2 is 20 ms slower per batch, then validate, test, predict.
 """
 
-import sys
 import time
-from pathlib import Path
 
-import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from tiny_models import on_plateau
 
 from conformance.cases import CASES, case_classifier, trainer_for
-from conformance.harness import run, user_error_of
+from conformance.harness import job_arguments, run, user_error_of
 from conformance.models import ClassifierData, MetricClassifier
 
-
-class PlateauClassifier(MetricClassifier):
-    def configure_optimizers(self):
-        optimizer = super().configure_optimizers()
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
+PlateauClassifier = on_plateau(MetricClassifier, "val_loss")
 
 
 class SlowOnRank2(MetricClassifier):
@@ -62,4 +55,5 @@ def case_straggler(folder, strategy):
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), {**CASES, "refusals": case_refusals, "straggler": case_straggler}, sys.argv[2:])
+    args = job_arguments(__doc__)
+    run(args.out, {**CASES, "refusals": case_refusals, "straggler": case_straggler}, args.cases)

@@ -9,6 +9,7 @@ so a case that hangs the job can be named.
 
 from __future__ import annotations
 
+import argparse
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -16,19 +17,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-
-QUIET = dict(
-    accelerator="cpu",
-    logger=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-    enable_checkpointing=False,
-)
-
-
-def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+from reference_training import QUIET, state_of  # noqa: F401  (QUIET: for the cases, with the references' own)
 
 
 def fit_summary(trainer: Trainer, model: torch.nn.Module, record: Any = None) -> dict[str, Any]:
@@ -64,6 +53,14 @@ def user_error_of(fit: Callable[[], Any]) -> str | None:
     except UserError as err:
         return str(err)
     return None
+
+
+def job_arguments(doc: str | None) -> argparse.Namespace:
+    """The flags of a job script (here and in tests/mpi_scripts): ``--out DIR --cases NAME [NAME ...]``."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--out", type=Path, required=True, help="where each case saves what every rank saw")
+    parser.add_argument("--cases", nargs="+", required=True, help="the cases to run, in order")
+    return parser.parse_args()
 
 
 def run(out: Path, cases: dict[str, Callable[[Path, str], dict]], names: list[str]) -> None:

@@ -1,15 +1,12 @@
 """The ``hybrid`` strategy's cases, in one MPI job of 2 ranks (one pipeline of 2 stages).
 
-usage: hybrid_job.py OUT_DIR CASE/STRATEGY [CASE/STRATEGY ...]
+usage: hybrid_job.py --out DIR --cases CASE/STRATEGY [CASE/STRATEGY ...]
 - refusals: Lightning's BoringModel and Transformer LM and the torchmetrics classifier as they are, under
   ``Trainer(strategy="hybrid")``: none can be cut into stages, each fit must end in one line naming what
   is missing, on every rank;
 - pipelined: the classifier with the three pipeline methods a user adds (``PipelinedClassifier``), one
   micro-batch per batch: fit 2 epochs, validate, predict; the whole model gathered from the stages.
 """
-
-import sys
-from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
@@ -19,7 +16,7 @@ from torch.utils.data import DataLoader
 import lightning_xd  # noqa: F401  (registers our names with Lightning's StrategyRegistry)
 import lightning_xd.strategies  # noqa: F401
 from conformance.cases import trainer_for
-from conformance.harness import QUIET, run, user_error_of
+from conformance.harness import QUIET, job_arguments, run, user_error_of
 from conformance.models import (
     ClassifierData,
     MetricClassifier,
@@ -74,4 +71,5 @@ def case_pipelined(folder, strategy):
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), {"refusals": case_refusals, "pipelined": case_pipelined}, sys.argv[2:])
+    args = job_arguments(__doc__)
+    run(args.out, {"refusals": case_refusals, "pipelined": case_pipelined}, args.cases)

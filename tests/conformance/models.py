@@ -169,7 +169,7 @@ class PipelinedClassifier(MetricClassifier):
     """What a user adds to ``MetricClassifier`` to train it under ``hybrid``: its two parts as stages (kept
     in a plain list: its state dict stays the classifier's), its input, and its loss and logs."""
 
-    def pipeline_stages(self):
+    def pipeline_blocks(self):
         if "_stages" not in self.__dict__:
             self.__dict__["_stages"] = [CalledWithBatch(self.backbone), CalledWithBatch(self.head)]
         return self.__dict__["_stages"]

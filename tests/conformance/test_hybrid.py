@@ -26,13 +26,15 @@ def job(tmp_path_factory):
 
 @cache
 def one_process(threads: int) -> dict:
-    from conformance.models import ClassifierData, PipelinedClassifier
-    from conformance.references import fit_one_process, in_step_order
+    from reference_training import in_step_order
+
+    from conformance.models import BATCH, ClassifierData, PipelinedClassifier
+    from conformance.references import fit_and_summarise
 
     own = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return fit_one_process(PipelinedClassifier, in_step_order(ClassifierData().sets["train"], 1), epochs=2)
+        return fit_and_summarise(PipelinedClassifier, in_step_order(ClassifierData().sets["train"], 1, BATCH), epochs=2)
     finally:
         torch.set_num_threads(own)
 
@@ -42,7 +44,7 @@ def test_foreign_modules_are_refused_in_one_line_naming_what_is_missing(job):
     for name in ranks[0]["messages"]:
         message = refused_alike(ranks, "messages", name)
         assert "cannot be split into pipeline stages" in message, message
-        assert "pipeline_stages" in message and "--strategy mpi" in message, message
+        assert "pipeline_blocks" in message and "--strategy mpi" in message, message
 
 
 def test_a_pipelined_classifier_trains_as_one_process(job):

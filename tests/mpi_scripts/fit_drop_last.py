@@ -1,9 +1,9 @@
 """Lightning's BoringModel with a training loader that drops its last incomplete batch, under each named
 strategy in turn: validation must still run at every epoch end, so monitored checkpoints and early
-stopping work.   usage: fit_drop_last.py OUT_DIR STRATEGY[,STRATEGY...]"""
+stopping work.   usage: fit_drop_last.py --out DIR --strategies NAME [NAME ...]"""
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -37,8 +37,12 @@ class CountEpochEnds(Callback):
         self.trained += 1
 
 
-out = Path(sys.argv[1])
-for name in sys.argv[2].split(","):
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--strategies", nargs="+", required=True)
+args = parser.parse_args()
+out = args.out
+for name in args.strategies:
     torch.manual_seed(0)
     counter = CountEpochEnds()
     checkpoint = ModelCheckpoint(dirpath=out / name, monitor="val_loss", save_top_k=1)

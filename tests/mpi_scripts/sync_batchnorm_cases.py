@@ -1,6 +1,6 @@
 """BatchNorm synchronised over MPI (lightning_xd.parallel.sync_batchnorm) against one BatchNorm on the union batch.
 
-usage: sync_batchnorm_cases.py OUT_DIR PART[,PART...]
+usage: sync_batchnorm_cases.py --out DIR --parts PART [PART ...]
   layers      every case of LAYER_CASES on this rank's share of the union batch:
               OUT_DIR/layers-rank<r>.pt
   lightning   Trainer(strategy=mpi, sync_batchnorm=True) fitting BNRegressor: OUT_DIR/lightning-rank<r>.pt
@@ -13,14 +13,16 @@ in threads with an in-process communicator and computes the single-process refer
 
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gradient_cases import UnionOrder, dataset
+from gradient_cases import dataset
 from lightning.pytorch import Callback, LightningModule
+from reference_training import fit_one_process, in_step_order, state_of
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -143,9 +145,7 @@ class BNRegressor(LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
-    def train_dataloader(self, union: bool = False):
-        if union:  # one process: each step's batch is rank 0's batch, then rank 1's
-            return DataLoader(dataset(), batch_size=4, sampler=UnionOrder())
+    def train_dataloader(self):  # each rank's; the one-process reference reads in_step_order(dataset(), 2, 2)
         return DataLoader(dataset(), batch_size=2, shuffle=False)
 
     def val_dataloader(self):
@@ -181,14 +181,10 @@ def trainer_kwargs() -> dict:
 
 
 def lightning_reference() -> dict:
-    """BNRegressor trained in one process on the union batches; its final state."""
-    from lightning.fabric.plugins.environments import LightningEnvironment
-    from lightning.pytorch import Trainer
-
-    model = BNRegressor()
-    trainer = Trainer(devices=1, plugins=[LightningEnvironment()], **trainer_kwargs())
-    trainer.fit(model, train_dataloaders=model.train_dataloader(union=True))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """BNRegressor trained in one process on the union batches (each step: rank 0's batch, then rank 1's);
+    its final state."""
+    _, model = fit_one_process(BNRegressor, in_step_order(dataset(), 2, 2), **trainer_kwargs())
+    return state_of(model)
 
 
 def fit_under_mpi(sync_batchnorm: bool) -> dict:
@@ -232,4 +228,8 @@ def main(out: Path, parts: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2].split(","))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parts", nargs="+", choices=["layers", "lightning", "lightning-unsynced"], required=True)
+    args = parser.parse_args()
+    main(args.out, args.parts)

@@ -1,6 +1,6 @@
 """Lightning features under the async strategy; saves what every rank saw.
 
-usage: train_async_features.py OUT_DIR CASE [CASE ...]
+usage: train_async_features.py --out DIR --cases CASE [CASE ...]
 Each CASE trains with a fresh strategy and Trainer and saves OUT_DIR/<case>/rank<r>.pt. The cases run
 one after the other in one MPI job: a refused fit must leave every rank ready for the next one.
 - on 2 ranks (one worker, compared step by step with one process by the test): accumulate, clip,
@@ -11,19 +11,18 @@ one after the other in one MPI job: a refused fit must leave every rank ready fo
 The test imports this file for the model and the one-process reference (``reference_run``).
 """
 
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.pytorch import Callback, LightningModule, Trainer
+from conformance.harness import job_arguments
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.plugins.precision import MixedPrecision
-from tiny_models import TinyData
+from reference_training import StateAfterEachBatch, fit_one_process, in_step_order
+from tiny_models import TinyData, on_plateau
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 EPOCHS = 2
 
@@ -59,11 +58,7 @@ class DenseRegressor(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.5)
 
 
-class PlateauRegressor(DenseRegressor):
-    def configure_optimizers(self):
-        optimizer = super().configure_optimizers()
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss"}}
+PlateauRegressor = on_plateau(DenseRegressor, "val/loss")
 
 
 class StopsOnItsOwn(DenseRegressor):
@@ -82,23 +77,16 @@ class OneCycleBoring(BoringModel):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-class ReferenceData(TinyData):
-    """The one worker's batches, in its order: Lightning's shuffling DistributedSampler over one replica."""
-
-    def train_dataloader(self):
-        sampler = DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=True, seed=0)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler)
-
-
-class Record(Callback):
+class Record(StateAfterEachBatch):
     """Parameters after every training batch, the GradScaler's scale, and the batches of each stage."""
 
     def __init__(self):
-        self.snapshots, self.scales = [], []
+        super().__init__()
+        self.scales = []
         self.batches = {"train": 0, "val": 0, "test": 0, "predict": 0}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.snapshots.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.scales.append(scaler.get_scale() if scaler is not None else None)
         self.batches["train"] += 1
@@ -147,21 +135,14 @@ def result_of(trainer, model, record) -> dict:
 
 
 def reference_run(name: str, root: str) -> dict:
-    """The same case in one process with Lightning's own single-device training."""
+    """The same case in one process with Lightning's own single-device training, on the one worker's batches
+    in its order (Lightning's shuffling DistributedSampler over one replica)."""
     settings, model_settings = one_worker_case(name)
-    plugins = [LightningEnvironment(), *settings.pop("plugins", [])]
-    model, record = DenseRegressor(**model_settings), Record()
-    trainer = Trainer(
-        devices=1,
-        plugins=plugins,
-        callbacks=[record],
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        default_root_dir=root,
-        **QUIET,
-        **settings,
+    record = Record()
+    train = in_step_order(TinyData(with_index=True).train_set, replicas=1, batch_size=4)
+    trainer, model = fit_one_process(
+        lambda: DenseRegressor(**model_settings), train, callbacks=[record], default_root_dir=root, **settings
     )
-    trainer.fit(model, ReferenceData(with_index=True))
     return result_of(trainer, model, record)
 
 
@@ -285,4 +266,5 @@ def main(out: Path, cases: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    args = job_arguments(__doc__)
+    main(args.out, args.cases)

@@ -1,10 +1,10 @@
 """Every case of tests/gradient_cases.py under the mpi strategy, one after the other in one job.
 
-usage: train_gradient_cases.py OUT_DIR CASE[,CASE...]
+usage: train_gradient_cases.py --out DIR --cases CASE [CASE ...]
 Writes OUT_DIR/<case>-rank<r>.pt: the final parameters, or the error the run ended with.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -15,9 +15,13 @@ import lightning_xd.strategies  # noqa: F401  (registers the names)
 from lightning_xd.errors import UserError
 from lightning_xd.launch.registry import STRATEGIES
 
-out = Path(sys.argv[1])
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--cases", nargs="+", choices=CASES, required=True)
+args = parser.parse_args()
+out = args.out
 out.mkdir(parents=True, exist_ok=True)
-for case in sys.argv[2].split(","):
+for case in args.cases:
     model_class, settings, callbacks, epochs = CASES[case]
     strategy = STRATEGIES.build("mpi", dict(settings))
     model = model_class()

@@ -5,7 +5,7 @@ table's gradient was sparse after the strategy averaged it.
 usage: train_graphsage_steps.py OUT_DIR DATA_DIR STRATEGY STEPS
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -16,7 +16,13 @@ from lightning_xd.datamodules.synthetic_graph import SyntheticGraphDataModule
 from lightning_xd.launch.registry import STRATEGIES
 from lightning_xd.models.graphsage import GraphSAGE
 
-out, data_dir, name, steps = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--data-dir", required=True)
+parser.add_argument("--strategy", required=True)
+parser.add_argument("--steps", type=int, required=True)
+args = parser.parse_args()
+out, data_dir, name, steps = args.out, args.data_dir, args.strategy, args.steps
 
 
 class RecordingGraphSAGE(GraphSAGE):

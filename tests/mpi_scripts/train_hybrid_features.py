@@ -1,6 +1,6 @@
 """Lightning features under the hybrid strategy (2 pipeline stages x 2 replicas); saves what every rank saw.
 
-usage: train_hybrid_features.py OUT_DIR CASE [CASE ...]
+usage: train_hybrid_features.py --out DIR --cases CASE [CASE ...]
 Each CASE builds a fresh strategy, Trainer and model and saves OUT_DIR/<case>/rank<r>.pt; a case that
 raises saves {"error": traceback} instead and the next case still runs (the test shows the error).
 - main: built under ``trainer.init_module()``, batches of 7 (micro-batches of unequal sizes, a last
@@ -16,15 +16,15 @@ raises saves {"error": traceback} instead and the next case still runs (the test
 - refusals: what the strategy cannot do is one line (accumulation, manual optimization).
 """
 
-import sys
 import traceback
 from pathlib import Path
 
 import torch
+from conformance.harness import job_arguments
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
-from tiny_models import TinyData, TinyPipelined, _Stage
+from tiny_models import TinyData, TinyPipelined, _Block
 from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from torch.profiler import ProfilerActivity, profile
@@ -97,7 +97,7 @@ class WidePipelined(TinyPipelined):
         super().__init__()
         torch.manual_seed(1)
         self.stages = nn.ModuleList(
-            [_Stage(4, WIDE), *[_Stage(WIDE, WIDE) for _ in range(8)], _Stage(WIDE, 1, last=True)]
+            [_Block(4, WIDE), *[_Block(WIDE, WIDE) for _ in range(8)], _Block(WIDE, 1, last=True)]
         )
 
 
@@ -134,7 +134,7 @@ class AtFitStart(Callback):
     def on_fit_start(self, trainer, pl_module):
         self.meta = {name: p.is_meta for name, p in pl_module.named_parameters()}
         self.initial = {
-            k: v.detach().clone() for k, v in pl_module.state_dict().items() if k in self.strategy.stage_keys
+            k: v.detach().clone() for k, v in pl_module.state_dict().items() if k in self.strategy.own_state_keys
         }
 
 
@@ -185,7 +185,7 @@ def trainer_for(out: Path, strategy, **kwargs) -> Trainer:
 
 
 def own_state(model, strategy) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in strategy.stage_keys}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in strategy.own_state_keys}
 
 
 def attempt(run):
@@ -209,7 +209,7 @@ def case_main(out: Path) -> dict:
     predictions, predict_error = attempt(lambda: trainer.predict(model, data))
     return {
         "own": own_state(model, strategy),
-        "stage_keys": strategy.stage_keys,
+        "stage_keys": strategy.own_state_keys,
         "steps": trainer.global_step,
         "meta_at_start": start.meta,
         "initial": start.initial,
@@ -227,7 +227,7 @@ def case_clip(out: Path) -> dict:
     trainer = trainer_for(out, strategy, gradient_clip_val=CLIP)
     model = TinyPipelined()
     trainer.fit(model, FeatureData(batch_size=8))
-    return {"own": own_state(model, strategy), "stage_keys": strategy.stage_keys}
+    return {"own": own_state(model, strategy), "stage_keys": strategy.own_state_keys}
 
 
 def case_bf16(out: Path) -> dict:
@@ -247,7 +247,7 @@ def case_bf16(out: Path) -> dict:
     predictions, predict_error = attempt(lambda: trainer.predict(model, data))
     return {
         "own": own_state(model, strategy),
-        "stage_keys": strategy.stage_keys,
+        "stage_keys": strategy.own_state_keys,
         "forwards": sorted(set(seen)),
         "predict_error": predict_error,
         "prediction_dtypes": sorted({str(p.dtype) for p in predictions or []}),
@@ -261,7 +261,7 @@ def case_amp16(out: Path) -> dict:
     trainer = trainer_for(out, strategy, plugins=[plugin], callbacks=[scales])
     model = PoisonedPipelined()
     trainer.fit(model, FeatureData(batch_size=8))
-    return {"own": own_state(model, strategy), "stage_keys": strategy.stage_keys, "scales": scales.scales}
+    return {"own": own_state(model, strategy), "stage_keys": strategy.own_state_keys, "scales": scales.scales}
 
 
 def _fit_resumable(out: Path, name: str, epochs: int, ckpt_path=None):
@@ -293,7 +293,7 @@ def case_resume(out: Path) -> dict:
     trainer.save_checkpoint(out / "after_epoch_1.ckpt")
     trainer, strategy, model, best, stop, every_epoch = _fit_resumable(out, "rest", 3, out / "after_epoch_1.ckpt")
     return {
-        "stage_keys": strategy.stage_keys,
+        "stage_keys": strategy.own_state_keys,
         "whole": whole,
         "resumed": own_state(model, strategy),
         "resumed_lrs": every_epoch.lrs,
@@ -332,7 +332,7 @@ def case_memory(out: Path) -> dict:
         "peak_bytes": peak,
         "held_bytes": held,
         "real": stopper.real,
-        "stage_keys": strategy.stage_keys,
+        "stage_keys": strategy.own_state_keys,
         "param_bytes": {n: p.numel() * p.element_size() for n, p in whole.named_parameters()},
         "own_equal_whole": {
             k: bool(torch.equal(v, whole.state_dict()[k])) for k, v in own_state(model, strategy).items()
@@ -366,9 +366,10 @@ CASES = {
 }
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1])
+    args = job_arguments(__doc__)
+    root = args.out
     rank = world().rank
-    for case in sys.argv[2:]:
+    for case in args.cases:
         out = root / case
         try:
             result = CASES[case](out)

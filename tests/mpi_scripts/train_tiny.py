@@ -1,9 +1,9 @@
 """Train TinyRegressor with a registered strategy on every rank; save each rank's result.
 
-usage: train_tiny.py OUT_DIR STRATEGY [BUCKET_SIZE_MB]
+usage: train_tiny.py --out DIR --strategy NAME [--bucket-size-mb MB]
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -13,8 +13,13 @@ from tiny_models import TinyData, TinyRegressor
 import lightning_xd.strategies  # noqa: F401  (registers the names)
 from lightning_xd.launch.registry import STRATEGIES
 
-out, name = Path(sys.argv[1]), sys.argv[2]
-settings = {"bucket_size_mb": float(sys.argv[3])} if len(sys.argv) > 3 else {}
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--strategy", required=True)
+parser.add_argument("--bucket-size-mb", type=float)
+args = parser.parse_args()
+out, name = args.out, args.strategy
+settings = {} if args.bucket_size_mb is None else {"bucket_size_mb": args.bucket_size_mb}
 strategy = STRATEGIES.build(name, settings)
 model = TinyRegressor()
 trainer = Trainer(

@@ -1,11 +1,11 @@
 """Train TinyRegressor with the async strategy; save what each rank saw.
 
-usage: train_tiny_async.py OUT_DIR MAX_EPOCHS STALENESS [STRAGGLER_RANK:SECONDS] [CKPT_PATH]
+usage: train_tiny_async.py --out DIR --max-epochs N --staleness S [--straggler RANK:SECONDS] [--ckpt-path CKPT]
 Saves rank<r>.pt: final state, the parameters after every step (workers), validation metrics
 after training, the server's summary and the initial validation loss.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -17,9 +17,15 @@ from lightning_xd.callbacks import FaultTolerantCheckpoint, StragglerDelay, pars
 from lightning_xd.fault_tolerance.checkpoints import VerifiedCheckpointIO
 from lightning_xd.launch.registry import STRATEGIES
 
-out, max_epochs, staleness = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-straggler = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
-ckpt_path = sys.argv[5] if len(sys.argv) > 5 else None
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--max-epochs", type=int, required=True)
+parser.add_argument("--staleness", type=int, required=True)
+parser.add_argument("--straggler", help="RANK:SECONDS, a worker slowed by SECONDS per batch")
+parser.add_argument("--ckpt-path", help="a checkpoint to resume from")
+args = parser.parse_args()
+out, max_epochs, staleness = args.out, args.max_epochs, args.staleness
+straggler, ckpt_path = args.straggler, args.ckpt_path
 
 
 class RecordSteps(Callback):

@@ -2,15 +2,15 @@
 fault injection; every rank appends, at each optimizer step, the sample indices whose gradients
 that step applies.
 
-usage: train_tiny_ft.py OUT_DIR EPOCHS [FAULT] [SETTINGS as key=value ...]
-settings: strategy=mpi, every=2 (checkpoint every N steps), batchnorm=1 (a BatchNorm layer: its
+usage: train_tiny_ft.py --out DIR --epochs N [--fault SPEC] [--set KEY=VALUE ...]
+KEY=VALUE settings: strategy=mpi, every=2 (checkpoint every N steps), batchnorm=1 (a BatchNorm layer: its
 buffers are broadcast before every step), log=1 (an on_step sync_dist log inside training_step),
 accumulate=A (accumulate_grad_batches).
 """
 
+import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -20,13 +20,20 @@ from torch import nn
 
 import lightning_xd.strategies  # noqa: F401  (registers the names)
 from lightning_xd.callbacks import FaultInjector, FaultTolerantCheckpoint, parse_fault
+from lightning_xd.contract import declared
 from lightning_xd.fault_tolerance.checkpoints import VerifiedCheckpointIO
 from lightning_xd.launch.registry import STRATEGIES
 from lightning_xd.launch.runner import choose_checkpoint
+from lightning_xd.mpi_strategy import MPIStrategy
 
-out, epochs = Path(sys.argv[1]), int(sys.argv[2])
-fault = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
-settings = dict(arg.split("=") for arg in sys.argv[4:])
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--epochs", type=int, required=True)
+parser.add_argument("--fault", help="what to inject, as lightning_xd.callbacks.parse_fault reads it")
+parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="settings")
+args = parser.parse_args()
+out, epochs, fault = args.out, args.epochs, args.fault
+settings = dict(arg.split("=") for arg in args.settings)
 
 
 class Recording(TinyRegressor):
@@ -45,7 +52,7 @@ class Recording(TinyRegressor):
     def training_step(self, batch, batch_idx):
         # counted by the recoveries before this batch's step began: a failure later in the step (in the
         # log below, say) means its gradients are dropped and its samples trained again elsewhere
-        self.window.append((len(self.trainer.strategy.recoveries), batch[3].tolist()))
+        self.window.append((len(self.trainer.strategy.recoveries()), batch[3].tolist()))
         loss = super().training_step(batch, batch_idx)
         if settings.get("log") == "1":
             self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True)
@@ -56,7 +63,7 @@ class RecordSamples(Callback):
     """One line per optimizer step: epoch, step, world size, the samples this rank's gradients held."""
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        recoveries = len(trainer.strategy.recoveries)
+        recoveries = len(trainer.strategy.recoveries())
         applied = [i for seen_after, indices in pl_module.window if seen_after == recoveries for i in indices]
         pl_module.window = []
         with open(out / f"samples-{os.getpid()}.jsonl", "a") as f:
@@ -80,7 +87,7 @@ if fault:
     callbacks.append(FaultInjector(parse_fault(fault)))
 out.mkdir(parents=True, exist_ok=True)
 resume = choose_checkpoint("auto", out) if strategy.global_rank == 0 else None
-resume = strategy.comm.broadcast_object(resume) if hasattr(strategy, "comm") else resume
+resume = strategy.comm.broadcast_object(resume) if isinstance(strategy, MPIStrategy) else resume
 trainer = Trainer(
     strategy=strategy,
     accelerator="cpu",
@@ -108,7 +115,7 @@ if trainer.is_global_zero:
         out / "result.pt",
     )
     (out / "COMPLETED").write_text("done\n")
-if getattr(strategy, "recoveries", None):
+if declared(strategy).recoveries():
     from lightning_xd.comm.ulfm import leave_after_failure
 
     leave_after_failure()  # MPI_Finalize may hang on the lost process

@@ -1,10 +1,10 @@
 """Train TinyPipelined with the hybrid strategy; save each rank's stage and the run's summary.
 
-usage: train_tiny_hybrid.py OUT_DIR STAGES MICROBATCHES SCHEDULE[,SCHEDULE...]
+usage: train_tiny_hybrid.py --out DIR --stages S --microbatches M --schedules SCHEDULE [SCHEDULE ...]
 One run per schedule (one process start-up for all), results in OUT_DIR/<schedule>/.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -14,8 +14,14 @@ from tiny_models import TinyData, TinyPipelined
 import lightning_xd.strategies  # noqa: F401  (registers the names)
 from lightning_xd.launch.registry import STRATEGIES
 
-root, stages, microbatches = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-for schedule in sys.argv[4].split(","):
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--stages", type=int, required=True)
+parser.add_argument("--microbatches", type=int, required=True)
+parser.add_argument("--schedules", nargs="+", required=True)
+args = parser.parse_args()
+root, stages, microbatches = args.out, args.stages, args.microbatches
+for schedule in args.schedules:
     out = root / schedule
     strategy = STRATEGIES.build(
         "hybrid", {"pipeline_stages": stages, "microbatches": microbatches, "schedule": schedule}
@@ -43,7 +49,7 @@ for schedule in sys.argv[4].split(","):
     }
     torch.save(
         {
-            "own": {k: v for k, v in model.state_dict().items() if k in strategy.stage_keys},
+            "own": {k: v for k, v in model.state_dict().items() if k in strategy.own_state_keys},
             "decisions": decisions,
             "metrics": metrics,
             "summary": strategy.summary_metrics(),

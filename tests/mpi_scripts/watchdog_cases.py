@@ -1,6 +1,6 @@
 """The collective watchdog (``--collective-timeout``), under ``mpirun --with-ft ulfm`` on 2 ranks.
 
-usage: watchdog_cases.py OUT_DIR CASE
+usage: watchdog_cases.py --out DIR --case CASE
 - ``long-step``: every step computes for longer than the timeout (a sleep); nothing waits on a
   peer, so the job must finish.
 - ``hangs-after-log``: rank 1 stops responding (alive, so MPI reports nothing) inside its third
@@ -8,7 +8,7 @@ usage: watchdog_cases.py OUT_DIR CASE
   gradients, and the watchdog must end the job within the timeout.
 """
 
-import sys
+import argparse
 import time
 from pathlib import Path
 
@@ -19,7 +19,11 @@ import lightning_xd.strategies  # noqa: F401  (registers the names)
 from lightning_xd.launch.registry import STRATEGIES
 
 TIMEOUT = 2.0
-out, case = Path(sys.argv[1]), sys.argv[2]
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--case", choices=["long-step", "hangs-after-log"], required=True)
+args = parser.parse_args()
+out, case = args.out, args.case
 
 
 class Slow(TinyRegressor):
