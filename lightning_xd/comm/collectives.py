@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_xd.comm.communicator import Communicator
 
@@ -76,6 +77,7 @@ class MPICollectives:
     comm: Communicator
     replicas: Communicator
 
+    @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
         """Reduce over the ranks. Accepts "mean"/"sum"/"max"/"min" and torch's ReduceOp (Lightning passes both)."""
         if not isinstance(tensor, Tensor):
@@ -86,6 +88,7 @@ class MPICollectives:
             lambda: self.replicas.allreduce(tensor.detach().clone(), reduce_op or "mean"), "reduce"
         )
 
+    @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         """A decision of the whole job (stop, save): every process, not only those that log together."""
         if self.ranks_train_apart():
@@ -95,6 +98,7 @@ class MPICollectives:
         )
         return votes == self.comm.size if all else votes > 0
 
+    @override
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         """Stack every rank's ``tensor`` (same shape on each) along a new first dimension."""
         if self.ranks_train_apart():
@@ -103,6 +107,7 @@ class MPICollectives:
             return self.run_collective(lambda: _AllGatherWithGrad.apply(tensor, self.replicas), "all_gather")
         return self.run_collective(lambda: self.replicas.allgather(tensor.detach().contiguous()), "all_gather")
 
+    @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """From process ``src`` of the whole job to all of them (Lightning's paths and decisions)."""
         if self.ranks_train_apart():
@@ -115,6 +120,7 @@ class MPICollectives:
             return [obj]
         return self.run_collective(lambda: self.comm.allgather_object(obj), "all_gather")
 
+    @override
     def barrier(self, name: str | None = None) -> None:
         if not self.ranks_train_apart():
             self.run_collective(self.comm.barrier, f"barrier {name or ''}")

@@ -61,9 +61,9 @@ def mpi() -> Any:
     """mpi4py's MPI module, MPI started with thread support on first call."""
     import mpi4py
 
-    # Open MPI's default non-blocking allreduce (libnbc) reaches ~55% of the blocking MPI_Allreduce from
-    # 1 MB up on shared memory; Rabenseifner's algorithm matches it (benchmarks/allreduce.py). Read when
-    # MPI starts; a user's own setting wins.
+    # Open MPI's default algorithm for the non-blocking allreduce (libnbc) falls well behind the blocking
+    # MPI_Allreduce on large buffers; Rabenseifner's algorithm keeps up (benchmarks/allreduce.py measures
+    # both). Read when MPI starts; a user's own setting wins.
     os.environ.setdefault("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "3")
     mpi4py.rc.thread_level = "multiple"
     from mpi4py import MPI

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from typing_extensions import override
 
 
 class EpochShardSampler(Sampler[int]):
@@ -267,6 +268,7 @@ def set_epoch_length(trainer, batches: int, mid_epoch: bool = False) -> None:
 class ResumableTrainingData:
     """Strategy mixin: the training loader becomes a ResumableLoader (mid-epoch resume, re-sharding)."""
 
+    @override
     def process_dataloader(self, dataloader: Any) -> Any:
         dataloader = super().process_dataloader(dataloader)
         trainer = self.lightning_module.trainer

@@ -67,8 +67,8 @@ def binding(nprocs: int, hostfile: str | None = None) -> list[str]:
 
 def mpirun_environment(launch_agent: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    # torch's CPU allocator then backs large tensors with transparent huge pages, as numpy does: MPI
-    # moves gradient buckets ~15% faster from 16 MB up (benchmarks/allreduce.py); a user's setting wins
+    # torch's CPU allocator then backs large tensors with transparent huge pages, as numpy does: MPI moves
+    # large gradient buckets faster (measured in benchmarks/allreduce.py); a user's setting wins
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
