@@ -52,7 +52,6 @@ from lightning_xd.parallel.parameter_server import SERVER, Gradient, ParameterSe
 class AsyncStaleGradientStrategy(MPIStrategy):
     """Parameter server on rank 0, workers on the other ranks, staleness bounded by ``staleness``."""
 
-    strategy_name = "async"
     saves_own_checkpoints = True  # the server writes them; workers' epoch ends are not the run's
     is_synchronous = False
 

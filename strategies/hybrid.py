@@ -64,8 +64,6 @@ from lightning_xd.parallel.stage_parameters import (
 class HybridPipelineStrategy(AveragedGradients, MPIStrategy):
     """P pipeline stages x D data-parallel replicas; rank = replica * P + stage."""
 
-    strategy_name = "hybrid"
-
     def __init__(
         self,
         pipeline_stages: int = 2,

@@ -27,8 +27,6 @@ from lightning_xd.parallel.averaged_gradients import AveragedGradients
 class MPIAllReduceStrategy(InJobRecovery, AveragedGradients, MPIStrategy):
     """Bucketed, overlapped gradient allreduce, with in-job recovery."""
 
-    strategy_name = "mpi"
-
     def __init__(
         self,
         bucket_size_mb: float | None = None,

@@ -92,6 +92,12 @@ def test_no_limit_and_defaults_are_in_their_domains(launch):
         launch("--model", "gcn", "--max-steps", "-1", "--dashboard-every", "0", "--log-every-n-steps", "0")
 
 
+def test_a_documented_zero_is_in_its_domain(launch):
+    """Example 7's README runs GraphSAGE without its node table: ``--embedding-dim 0``."""
+    with pytest.raises(AssertionError, match="the job was started"):
+        launch("--model", "graphsage", "--embedding-dim", "0")
+
+
 # ---- a model on a dataset it cannot train on -------------------------------------------------
 @pytest.mark.parametrize(
     "model, data, can",

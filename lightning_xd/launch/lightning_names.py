@@ -1,45 +1,44 @@
 """Our strategies under names Lightning's Trainer accepts: ``Trainer(strategy="mpi")`` after ``import lightning_xd``.
 
-Registered in Lightning's own ``StrategyRegistry`` as factories that import the strategy's module only
-when the Trainer asks for it, so importing this package stays light and starts no MPI. The
+Every module of ``lightning_xd.strategies`` is registered in Lightning's own ``StrategyRegistry`` under
+its command-line name (the module's name, without the ``_`` that ``async_`` needs), as a factory that
+imports the module only when the Trainer asks for it: importing this package stays light, starts no
+MPI and imports no strategy. Names Lightning already has (``ddp``) stay Lightning's. The
 ``*_find_unused_parameters_true`` name follows Lightning's ``ddp_find_unused_parameters_true``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
-# name: (module, class, description, constructor arguments)
-NAMES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
-    "mpi": ("lightning_xd.strategies.mpi", "MPIAllReduceStrategy", "synchronous data parallelism over MPI", {}),
-    "mpi_find_unused_parameters_true": (
-        "lightning_xd.strategies.mpi",
-        "MPIAllReduceStrategy",
-        "mpi, averaging parameters some ranks did not use with zeros",
-        {"find_unused_parameters": True},
-    ),
-    "async": (
-        "lightning_xd.strategies.async_",
-        "AsyncStaleGradientStrategy",
-        "parameter server with bounded staleness",
-        {},
-    ),
-    "hybrid": (
-        "lightning_xd.strategies.hybrid",
-        "HybridPipelineStrategy",
-        "pipeline stages x data-parallel replicas",
-        {},
-    ),
+# Lightning names that are one of ours with a setting: name -> (strategy, constructor arguments)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mpi_find_unused_parameters_true": ("mpi", {"find_unused_parameters": True}),
 }
 
 
-def _factory(module: str, name: str) -> Callable[..., Any]:
-    def build(**kwargs: Any) -> Any:
-        return getattr(importlib.import_module(module), name)(**kwargs)
+def strategy_modules() -> dict[str, str]:
+    """Command-line name -> module, read from the package's folder without importing any of them."""
+    folder = importlib.util.find_spec("lightning_xd.strategies").submodule_search_locations
+    return {
+        info.name.rstrip("_"): f"lightning_xd.strategies.{info.name}"
+        for info in pkgutil.iter_modules(folder)
+        if not info.name.startswith("_")
+    }
 
-    build.__name__ = name
+
+def _factory(name: str, module: str) -> Callable[..., Any]:
+    def build(**kwargs: Any) -> Any:
+        from lightning_xd.launch.registry import STRATEGIES
+
+        importlib.import_module(module)  # registers the name
+        return STRATEGIES.get(name).build(**kwargs)
+
+    build.__name__ = f"{name}_strategy"
     return build
 
 
@@ -47,6 +46,12 @@ def register_with_lightning() -> None:
     """Add our names to Lightning's registry (names Lightning already has are left alone)."""
     from lightning.pytorch.strategies import StrategyRegistry
 
-    for name, (module, cls, description, params) in NAMES.items():
+    modules = strategy_modules()
+    for name, module in modules.items():
         if name not in StrategyRegistry:
-            StrategyRegistry.register(name, _factory(module, cls), description=description, **params)
+            StrategyRegistry.register(name, _factory(name, module), description=f"lightning_xd's {name!r} strategy")
+    for name, (strategy, params) in VARIANTS.items():
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(
+                name, _factory(strategy, modules[strategy]), description=f"{strategy} with {params}", **params
+            )

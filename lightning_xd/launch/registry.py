@@ -184,7 +184,7 @@ DOMAINS: dict[str, Domain] = {
     "hidden_size": AT_LEAST_ONE,
     "num_layers": AT_LEAST_ONE,
     "out_channels": AT_LEAST_ONE,
-    "embedding_dim": AT_LEAST_ONE,
+    "embedding_dim": NOT_NEGATIVE,  # 0: no learned node table (graphsage)
     "code_size": AT_LEAST_ONE,
     "width": AT_LEAST_ONE,
     "channels": AT_LEAST_ONE,
