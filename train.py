@@ -9,10 +9,10 @@ and watches the job (``lightning_xd.fault_tolerance.supervisor``); inside the jo
 import os
 import sys
 
+from lightning_xd.comm.environment import in_mpi_job
 from lightning_xd.errors import UserError
 from lightning_xd.fault_tolerance.supervisor import Supervisor
 from lightning_xd.launch import cli, runner
-from lightning_xd.launch.launcher import in_mpi_job
 
 
 def main(argv=None) -> int:

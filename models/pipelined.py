@@ -13,6 +13,7 @@ test steps here run it in one process, so both paths compute the same thing.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,21 +48,21 @@ def run_blocks(blocks: Sequence[nn.Module], h: Tensor, batch: Any) -> Tensor:
     return h
 
 
-class PipelinedModule(LightningModule):
+class PipelinedModule(LightningModule, ABC):
     """A LightningModule written to the pipeline contract: subclasses give the three methods below;
     forward and the training, validation and test steps run input -> every block -> loss."""
 
+    @abstractmethod
     def pipeline_blocks(self) -> Sequence[nn.Module]:
         """The model's blocks in order, called as ``block(h, batch)``; a pipeline may cut between any two."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pipeline_input(self, batch: Any) -> Tensor:
         """What the first block takes from the batch."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pipeline_loss(self, output: Tensor, batch: Any, split: str) -> Tensor:
         """The loss of the last block's ``output`` on ``batch``; logs the metrics of ``split``."""
-        raise NotImplementedError
 
     def pipeline_output(self, batch: Any) -> Tensor:
         """The model's output on ``batch``: its input through every block, in this process."""

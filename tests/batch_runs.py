@@ -55,7 +55,7 @@ def run_all(spec: list[dict]) -> dict:
 
 def main(spec_path: str, results_path: str) -> None:
     outcomes = run_all(json.loads(Path(spec_path).read_text()))
-    from lightning_xd.launch.launcher import in_mpi_job
+    from lightning_xd.comm.environment import in_mpi_job
 
     first = True
     if in_mpi_job():

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_xd.comm.environment import in_mpi_job  # noqa: F401  (where train.py asks whether it runs in a job)
 from lightning_xd.errors import UserError
 
 # Variables every rank needs, also on remote hosts (where mpirun forwards only what it is told).
