@@ -12,11 +12,13 @@ import sys
 from lightning_xd.comm.environment import in_mpi_job
 from lightning_xd.errors import UserError
 from lightning_xd.fault_tolerance.supervisor import Supervisor
+from lightning_xd.files import keep_others_from_writing
 from lightning_xd.launch import cli, runner
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    keep_others_from_writing()  # run dir, checkpoints, caches: not writable by other users
     try:
         args = cli.parse_args(argv)
         import lightning_xd.datamodules  # noqa: F401  (registers the names)

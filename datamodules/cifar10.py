@@ -4,6 +4,9 @@ Data: either the ImageFolder JPEG layout ``cifar10_jpg/{train,test}/<class>/NNNN
 ../shared/data holds 10,000 training and all 10,000 test images, re-encoded as JPEG; see its
 SOURCES.md), or the official python batches ``cifar-10-batches-py/{data_batch_1..5,test_batch}``
 when that is what the data dir holds (they win when both are there: they are the lossless originals).
+The batches are pickles: they are opened only when their md5 sums are the release's (the sums its
+publisher lists; ``--trust-data-dir`` accepts other batches) and then read by a restricted
+unpickler that builds nothing but arrays, lists and bytes (``safe_loading.load_plain_pickle``).
 JPEGs are decoded once with OpenCV into a uint8 tensor cache keyed by the file list, sizes and
 modification times. Class ids are the sorted folder names, which give the standard ids (airplane = 0).
 Reference: a small CNN with batch norm and crop/flip augmentation reaches ~75-80% test accuracy
@@ -16,7 +19,6 @@ the 10,000 official test images. Training images are randomly cropped (padding 4
 from __future__ import annotations
 
 import hashlib
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +28,33 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_xd.data import cache_dir, digest, eval_sampler, load_or_build, require_files
+from lightning_xd.downloads import check_known_release
 from lightning_xd.errors import DataError, UserError
 from lightning_xd.launch.registry import DATAMODULES
 from lightning_xd.progress import progress
+from lightning_xd.safe_loading import UnsafeFileError, load_plain_pickle
 
 JPEG_FOLDER = "cifar10_jpg"
 PICKLE_FOLDER = "cifar-10-batches-py"
 PICKLE_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+# md5 of the python batches of cifar-10-python.tar.gz, as its publisher and torchvision list them
+RELEASE_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+# what a batch is made of: a dict of numpy arrays, lists and bytes (which Python 3's protocol-2
+# pickles spell as _codecs.encode)
+BATCH_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("_codecs", "encode"),
+}
 # per-channel mean and standard deviation of the 50,000 CIFAR-10 training images
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
@@ -114,12 +136,13 @@ def read_python_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One official pickled batch: ``data`` (N, 3072) uint8 rows of R, G, B planes and ``labels``."""
     expected = "a CIFAR-10 python batch (pickled dict with 'data' (N, 3072) uint8 and 'labels')"
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = load_plain_pickle(path, BATCH_GLOBALS, "CIFAR-10 batch", "replace it with the original", "bytes")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * SIZE * SIZE or len(labels) != len(data):
             raise ValueError(f"data has shape {data.shape} for {len(labels)} labels")
+    except UnsafeFileError:
+        raise
     except Exception as err:  # not a pickle, wrong keys, wrong shapes
         raise DataError(f"{path} is not {expected} ({type(err).__name__}: {_one_line(err)})") from None
     return torch.from_numpy(data.reshape(-1, 3, SIZE, SIZE).copy()), torch.from_numpy(labels)
@@ -148,8 +171,10 @@ class CIFAR10DataModule(LightningDataModule):
         batch_size: int = 64,
         val_size: int = 1000,
         split_seed: int = 0,
+        trust_data_dir: bool | None = None,
     ):
         super().__init__()
+        self.trust_data_dir = trust_data_dir
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.val_size, self.split_seed = val_size, split_seed
         self.data: dict | None = None
@@ -163,6 +188,7 @@ class CIFAR10DataModule(LightningDataModule):
             paths = {
                 split: require_files(pickles, names, "CIFAR-10 python batches") for split, names in PICKLE_FILES.items()
             }
+            check_known_release(pickles, RELEASE_MD5, "CIFAR-10 python batches", self.trust_data_dir, "md5")
             key = digest(paths["train"] + paths["test"], layout="python-batches")
             return load_or_build(cache / f"batches-{key}.pt", lambda: self._read_batches(paths), "CIFAR-10")
         if not jpegs.is_dir():

@@ -2,7 +2,7 @@
 (``--data cora-graph``; the GCN's ``cora`` serves labelled nodes of the whole graph instead).
 
 Data: the Planetoid raw files ``cora/planetoid_raw/ind.cora.*`` (Yang, Cohen and Salakhutdinov,
-ICML 2016; see ../shared/data/SOURCES.md), read as ``datamodules.cora`` reads them: 2,708 papers,
+ICML 2016; see ../shared/data/SOURCES.md), checked and read as ``datamodules.cora`` does: 2,708 papers,
 10,556 directed citation edges, 1,433 row-normalised bag-of-words features, 7 classes. Labels are
 never trained on: they only score the embeddings with a linear probe on the public split (140
 training, 500 validation, 1,000 test nodes).
@@ -25,16 +25,16 @@ from lightning_xd.launch.registry import DATAMODULES
 class CoraGraphDataModule(PartitionedGraphDataModule):
     name = "cora"
 
-    def _planetoid(self):
-        return CoraDataModule(str(self.data_dir), self.cache)._planetoid()
+    def _cora(self) -> CoraDataModule:
+        return CoraDataModule(str(self.data_dir), trust_data_dir=self.trust_data_dir)
 
     def source_files(self) -> list[Path]:
-        self._planetoid()  # checks (or downloads) the raw files: a one-line error names the missing ones
+        self._cora()._check_raw_files()  # downloads missing files; a one-line error names a bad one
         folder = self.data_dir / "cora" / "planetoid_raw"
         return [folder / name for name in RAW_FILES]
 
     def load_graph(self) -> dict:
-        cora = self._planetoid()[0]
+        cora = self._cora()._planetoid()
         split = torch.full((cora.num_nodes,), UNLABELLED, dtype=torch.long)
         for code, mask in ((TRAIN, cora.train_mask), (VAL, cora.val_mask), (TEST, cora.test_mask)):
             split[mask] = code

@@ -327,8 +327,10 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
         walk_length: int = 3,
         seed: int = 0,
         nprocs: int = 1,
+        trust_data_dir: bool | None = None,
     ):
         super().__init__()
+        self.trust_data_dir = trust_data_dir  # for subclasses whose raw files are pickles (Cora's)
         self.nprocs = nprocs  # train.py's --nprocs: the number of parts, known before the job starts
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.fanouts, self.num_negatives, self.walk_length, self.seed = (
@@ -339,6 +341,7 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
         )
         self.part: dict | None = None
         self.summary: dict | None = None
+        self._cut: tuple | None = None
 
     @abstractmethod
     def load_graph(self) -> dict:
@@ -362,23 +365,37 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
         key = digest(self.source_files(), parts=parts, format="parts-v2", **self.graph_settings())
         return cache_dir(self.data_dir, self.cache) / f"{self.name}_parts" / key
 
+    def _partitioning(self, parts: int) -> tuple:
+        """(graph, rowptr, col, membership): the graph cut into ``parts``, computed at most once
+        between ``_forget_partitioning`` calls, and only when a part must be built."""
+        if self._cut is None or self._cut[0] != parts:
+            graph = self.load_graph()
+            rowptr, col = to_csr(graph["edge_index"], graph["x"].shape[0])
+            self._cut = (parts, graph, rowptr, col, metis_membership(rowptr, col, parts))
+        return self._cut[1:]
+
+    def _load_part(self, parts: int, part: int) -> dict:
+        return load_or_build(
+            self._part_folder(parts) / f"part{part}.pt",
+            lambda: graph_part(*self._partitioning(parts), part),
+            f"graph part {part}",
+        )
+
+    def _load_summary(self, parts: int) -> dict:
+        return load_or_build(
+            self._part_folder(parts) / "summary.pt",
+            lambda: partition_summary(*self._partitioning(parts), parts),
+            "partition summary",
+        )
+
     def _prepare(self, parts: int) -> None:
         folder = self._part_folder(parts)
-        files = [folder / f"part{p}.pt" for p in range(parts)] + [folder / "summary.pt"]
-        if all(f.is_file() for f in files):
-            return
-        graph = self.load_graph()
-        rowptr, col = to_csr(graph["edge_index"], graph["x"].shape[0])
-        membership = metis_membership(rowptr, col, parts)
-        for p in range(parts):
-            load_or_build(
-                folder / f"part{p}.pt",
-                lambda: graph_part(graph, rowptr, col, membership, p),  # noqa: B023 (called at once, in the loop)
-                f"graph part {p}",
-            )
-        load_or_build(
-            folder / "summary.pt", lambda: partition_summary(graph, rowptr, col, membership, parts), "partition summary"
-        )
+        for part in range(parts):
+            if not (folder / f"part{part}.pt").is_file():
+                self._load_part(parts, part)
+        if not (folder / "summary.pt").is_file():
+            self._load_summary(parts)
+        self._cut = None  # the whole graph is not kept once its parts are written
 
     def prepare_data(self) -> None:
         self._prepare(self._world()[1])
@@ -388,9 +405,8 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
             return
         rank, parts = self._world()
         self._prepare(parts)  # a no-op when prepare_data ran; built here when it did not (tests)
-        folder = self._part_folder(parts)
-        self.part = torch.load(folder / f"part{rank}.pt", weights_only=False)
-        self.summary = torch.load(folder / "summary.pt", weights_only=False)
+        self.part, self.summary = self._load_part(parts, rank), self._load_summary(parts)
+        self._cut = None
         s = self.summary
         log.info(
             f"{self.name}: {s['num_nodes']:,} nodes, {s['num_edges']:,} edges in {parts} METIS part(s); "

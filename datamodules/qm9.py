@@ -18,6 +18,7 @@ the bar is the MAE of predicting the training mean.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from lightning_xd.data import cache_dir, digest, eval_sampler, load_or_build, re
 from lightning_xd.errors import DataError, UserError
 from lightning_xd.launch.registry import DATAMODULES
 from lightning_xd.progress import progress
+from lightning_xd.safe_loading import load_torch_file
 
 TARGETS = ["mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "u0", "u298", "h298", "g298", "cv"]
 ELEMENTS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
@@ -122,6 +124,16 @@ class QM9DataModule(LightningDataModule):
             raise DataError(f"PyG QM9 folder {self.pyg_dir}: expected raw/qm9_v3.pt or processed/data_v3.pt")
         return present
 
+    @staticmethod
+    def _check_pyg_file(staged: Path, original: Path) -> None:
+        fix = "replace it with the file PyG's QM9 dataset writes"
+        try:
+            load_torch_file(staged, f"PyG QM9 file (from {original})", fix)
+        except UserError:
+            raise
+        except Exception as err:  # not a torch file at all
+            raise DataError(f"PyG QM9 file {original} could not be read ({type(err).__name__}); {fix}") from None
+
     def _build_from_subset(self, files: list[Path]) -> list[Data]:
         ids, targets = read_targets(files[0])
         return [
@@ -130,22 +142,24 @@ class QM9DataModule(LightningDataModule):
         ]
 
     def _build_from_pyg(self, files: list[Path]) -> list[Data]:
+        """PyG's QM9 reader on copies of the files in a private temporary folder, each first loaded
+        restricted: PyG retries a failed restricted load unrestricted, so only files that need no
+        retry reach it."""
         from torch_geometric.datasets import QM9
 
-        root = cache_dir(self.data_dir, self.cache) / "pyg_qm9" / digest(files)
-        for path in files:  # staged in the cache: PyG writes its processed file beside the raw one
-            staged = root / path.relative_to(self.pyg_dir)
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            if not staged.is_file():
+        with tempfile.TemporaryDirectory(prefix="qm9-") as root:
+            for path in files:  # staged: PyG writes its processed file beside the raw one
+                staged = Path(root) / path.relative_to(self.pyg_dir)
+                staged.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, staged)
-        try:
-            molecules = QM9(str(root))
-        except Exception as err:  # PyG's own loader found something it cannot read
-            shutil.rmtree(root, ignore_errors=True)
-            raise DataError(
-                f"PyG QM9 folder {self.pyg_dir} could not be read ({type(err).__name__}); "
-                "expected PyG's qm9_v3.pt or data_v3.pt"
-            ) from None
+                self._check_pyg_file(staged, path)
+            try:
+                molecules = list(QM9(root))
+            except Exception as err:  # PyG's own loader found something it cannot read
+                raise DataError(
+                    f"PyG QM9 folder {self.pyg_dir} could not be read ({type(err).__name__}); "
+                    "expected PyG's qm9_v3.pt or data_v3.pt"
+                ) from None
         # PyG's first 12 columns are the 12 standard targets, in our order
         return [
             molecule_graph(m.z, m.pos, m.y[0, : len(TARGETS)])
@@ -156,7 +170,9 @@ class QM9DataModule(LightningDataModule):
         files = self._source_files()
         build = self._build_from_subset if files[0].suffix == ".csv" else self._build_from_pyg
         cache_file = cache_dir(self.data_dir, self.cache) / "qm9" / f"{digest(files, graph='complete-v1')}.pt"
-        return load_or_build(cache_file, lambda: build(files), "QM9 molecule graphs")
+        # cached as one dict of tensors per molecule: a cache holds no classes (lightning_xd.data)
+        tensors = load_or_build(cache_file, lambda: [m.to_dict() for m in build(files)], "QM9 molecule graphs")
+        return [Data(**molecule) for molecule in tensors]
 
     def prepare_data(self) -> None:
         self._molecules()

@@ -212,7 +212,8 @@ class SensorStreamDataModule(LightningDataModule):
         paths = require_files(self.data_dir / folder, names, f"{self.source} temperature stream")
         read = read_occupancy if self.source == "occupancy" else read_intel
         cached = cache_dir(self.data_dir, self.cache) / "sensor_stream" / f"{digest(paths, source=self.source)}.pt"
-        return load_or_build(cached, lambda: read(paths), f"{self.source} readings")
+        arrays = load_or_build(cached, lambda: vars(read(paths)), f"{self.source} readings")  # cached as plain arrays
+        return Recording(**arrays)
 
     def prepare_data(self) -> None:
         self._stretches(self._recording())

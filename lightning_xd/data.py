@@ -1,7 +1,10 @@
 """Where datasets and their caches live, and how evaluation data is split over ranks.
 
 The data dir has the layout of ``../shared/data`` (see its SOURCES.md). It may be read-only,
-so preprocessed files go to a separate cache dir.
+so preprocessed files go to a separate cache dir. A cache holds tensors, plain Python values and
+numeric numpy arrays only, and is read back with ``safe_loading.load_torch_file``: an entry that
+needs anything else was not written by us and is refused. An entry that another user could have
+written (``files.writable_by_others``) is not read at all: the data is built in memory instead.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING
 from torch.utils.data import Dataset
 
 from lightning_xd.errors import DataError
-from lightning_xd.files import atomic_write
+from lightning_xd.files import atomic_write, make_folder, writable_by_others
 
 if TYPE_CHECKING:
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -28,8 +31,7 @@ def cache_dir(data_dir: str | Path, cache: str | Path | None = None) -> Path:
         path = Path(data_dir) / "cache"
     else:
         path = Path.home() / ".cache" / "lightning_xd"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_folder(path)
 
 
 def require_files(folder: Path, names: Iterable[str], what: str) -> list[Path]:
@@ -58,50 +60,51 @@ def eval_sampler(dataset: Dataset, trainer) -> UnrepeatedDistributedSampler | No
     return UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
 
 
+CACHE_FORMAT = 2  # part of every cache key: entries of the format that pickled objects are never read
+
+
 def digest(paths: Iterable[Path], **settings) -> str:
     """A short hash of files' contents and of settings: names a cache entry that is never stale."""
     import hashlib
 
-    h = hashlib.sha256(repr(sorted(settings.items())).encode())
+    h = hashlib.sha256(repr(sorted({**settings, "cache_format": CACHE_FORMAT}.items())).encode())
     for path in paths:
         h.update(path.name.encode())
         h.update(path.read_bytes() if path.is_file() else b"<missing>")
     return h.hexdigest()[:16]
 
 
-def download_missing(folder: Path, names: Iterable[str], base_url: str, what: str, timeout: float = 20) -> None:
-    """Fetch the files of ``names`` missing from ``folder`` from ``base_url``; a one-line error if that fails.
-
-    ``XD_DOWNLOAD=0`` turns downloads off (machines without internet fail at once instead of
-    waiting for a timeout).
-    """
-    import urllib.request
-
-    missing = [n for n in names if not (folder / n).is_file()]
-    if not missing:
-        return
-    hint = f"{what}: put {', '.join(missing)} in {folder}"
-    if os.environ.get("XD_DOWNLOAD", "1") == "0":
-        raise DataError(f"{hint} (downloads are off: XD_DOWNLOAD=0)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        raise DataError(f"{hint} (the folder is not writable, so they cannot be downloaded)") from None
-    for name in missing:
-        try:
-            with atomic_write(folder / name) as tmp, urllib.request.urlopen(f"{base_url}/{name}", timeout=timeout) as r:
-                tmp.write_bytes(r.read())
-        except Exception as err:  # no network, 404, timeout ... (the partial file is gone)
-            raise DataError(f"{hint} (download from {base_url} failed: {type(err).__name__})") from None
+def _untrusted(cache_file: Path) -> str | None:
+    """Why ``cache_file`` (or, before it exists, the nearest folder above it) may hold another user's bytes."""
+    place = cache_file
+    while not place.exists() and place.parent != place:
+        place = place.parent
+    return writable_by_others(place)
 
 
 def load_or_build(cache_file: Path, build, what: str):
-    """``torch.load(cache_file)``, or ``build()`` saved there first (atomically: never half a file)."""
+    """The content cached in ``cache_file``, or ``build()`` saved there first (atomically: never half a file).
+
+    Read with the restricted loader: an entry that needs more than tensors, plain values and numeric
+    numpy arrays is refused (``UnsafeFileError``, one line); a damaged entry is rebuilt. Where another
+    user could write the entry, it is neither read nor written: the content is built in memory."""
     import torch
 
+    from lightning_xd.safe_loading import UnsafeFileError, load_torch_file
+
+    doubt = _untrusted(cache_file)
+    if doubt:
+        print(
+            f"warning: not using the cache {cache_file} ({doubt}); building {what} in memory "
+            "(give --cache-dir a folder only you can write)",
+            flush=True,
+        )
+        return build()
     if cache_file.is_file():
         try:
-            return torch.load(cache_file, weights_only=False)
+            return load_torch_file(cache_file, f"cache entry of {what}", "delete it: lightning_xd did not write it")
+        except UnsafeFileError:
+            raise
         except Exception:  # a damaged cache entry is rebuilt, not trusted
             cache_file.unlink(missing_ok=True)
     content = build()

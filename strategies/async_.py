@@ -285,7 +285,7 @@ class AsyncStaleGradientStrategy(MPIStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         saved = checkpoint.get("async_server", {})
         self.version = int(saved.get("version", 0))
         self.steps = int(saved.get("steps", self.version))

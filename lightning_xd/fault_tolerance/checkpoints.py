@@ -8,13 +8,18 @@ one whose bytes do not match its manifest is skipped with a one-line warning.
 A manifest also records which run wrote the checkpoint (``run``: model, dataset and strategy
 names, also kept inside the checkpoint in its callback's state); a run resumes only a checkpoint
 of its own kind (``check_same_run``). Checkpoints written before that record existed resume as before.
+
+The manifest guards against torn writes, not against someone who writes both files: every load
+(``load_checkpoint_file``) is restricted to tensors, plain values and numeric numpy arrays, so a
+crafted checkpoint is refused with one line before any of it runs. Train.py checks the one it
+will resume in the launching process, before a rank starts (``refuse_unsafe``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,8 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from torch import Tensor
 
 from lightning_xd.errors import UserError
-from lightning_xd.files import replace_durably, write_json_atomically
+from lightning_xd.files import FILE_MODE, file_digest, make_folder, replace_durably, write_json_atomically
+from lightning_xd.safe_loading import load_torch_file
 
 MANIFEST_VERSION = 1
 RESUME_PATH_FIX = "resume it with that --model, --data and --strategy, or give --resume another checkpoint or never"
@@ -31,14 +37,29 @@ AUTO_RESUME_FIX = (
     "--resume auto takes the newest checkpoint of --run-dir: give another --run-dir, or --resume never "
     "to start afresh (its checkpoints are moved aside)"
 )
+UNSAFE_CHECKPOINT_FIX = (
+    "give --resume another checkpoint or never; a checkpoint of your own that holds your classes "
+    "(in its hyper-parameters, say) loads once your script allow-lists them with "
+    "torch.serialization.add_safe_globals"
+)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """A checkpoint's content, restricted to tensors and plain values (``safe_loading``)."""
+    return load_torch_file(path, "checkpoint", UNSAFE_CHECKPOINT_FIX, map_location, mmap)
+
+
+def refuse_unsafe(path: Path) -> Any:
+    """Load ``path`` restricted (tensors memory-mapped, so even a large one is cheap to check): the
+    content, or a one-line ``UserError`` when it is refused or is no checkpoint at all."""
+    try:
+        return load_checkpoint_file(path, mmap=zipfile.is_zipfile(path))
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(
+            f"--resume {path} is not a readable checkpoint ({type(err).__name__}); give a .ckpt written by train.py"
+        ) from None
 
 
 class CheckpointStore:
@@ -49,17 +70,18 @@ class CheckpointStore:
 
     def temporary_path(self, name: str) -> Path:
         """Where ``name`` is written before it is committed (a dot file: never mistaken for one)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder)
         return self.folder / f".{name}.ckpt.tmp"
 
     def commit(self, name: str, info: dict[str, Any]) -> Path:
         """Move the written temporary file into place, then write its manifest (the commit)."""
         tmp, final = self.temporary_path(name), self.folder / f"{name}.ckpt"
+        tmp.chmod(FILE_MODE)
         replace_durably(tmp, final)
         manifest = {
             "version": MANIFEST_VERSION,
             "file": final.name,
-            "sha256": sha256_of(final),
+            "sha256": file_digest(final),
             "bytes": final.stat().st_size,
             "created": time.time(),
             **info,
@@ -87,7 +109,7 @@ class CheckpointStore:
             return "file missing"
         if path.stat().st_size != manifest.get("bytes"):
             return f"{path.stat().st_size} bytes, manifest says {manifest.get('bytes')} (truncated?)"
-        if sha256_of(path) != manifest.get("sha256"):
+        if file_digest(path) != manifest.get("sha256"):
             return "checksum mismatch (corrupt)"
         return None
 
@@ -131,15 +153,9 @@ def check_readable(path: Path) -> dict[str, Any]:
         problem = CheckpointStore(path.parent).verify(manifest)
         if problem:
             raise UserError(f"--resume {path}: {problem}; pick another checkpoint or --resume auto")
+        refuse_unsafe(path)
         return manifest
-    import torch
-
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UserError(
-            f"--resume {path} is not a readable checkpoint ({type(err).__name__}); give a .ckpt written by train.py"
-        ) from None
+    content = refuse_unsafe(path)
     if not isinstance(content, dict) or "state_dict" not in content:
         raise UserError(f"--resume {path} is not a Lightning checkpoint (no state_dict)")
     run = recorded_run(content)
@@ -202,7 +218,8 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
         store.prune(self.keep_last)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+        """Always restricted (``load_checkpoint_file``), whatever ``weights_only`` asks."""
+        return load_checkpoint_file(path, map_location if map_location is not None else "cpu")
 
     def remove_checkpoint(self, path) -> None:
         path = Path(path)

@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="preprocessed data; default: <data-dir>/cache if writable, else ~/.cache/lightning_xd",
     )
     files.add_argument("--run-dir", help="logs, checkpoints, metrics.json; default: runs/<model>-<data>-<strategy>")
+    files.add_argument(
+        "--trust-data-dir",
+        action="store_true",
+        default=None,
+        help="open pickled raw files (Planetoid, CIFAR-10 batches) that are not the published release's "
+        "($XD_TRUST_DATA_DIR=1); they are still read without running code",
+    )
     return p
 
 

@@ -141,9 +141,17 @@ def run_identity(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _check_checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> None:
-    """The launching process's view of what ``choose_checkpoint`` will pick, from manifests only (no
-    checksum, no loading: the rank that resumes verifies): it must exist and match this run."""
-    from lightning_xd.fault_tolerance.checkpoints import AUTO_RESUME_FIX, CheckpointStore, check_same_run, read_manifest
+    """The launching process's view of what ``choose_checkpoint`` will pick, from its manifest (no
+    checksum: the rank that resumes verifies): it must exist, match this run and pass the restricted
+    load (tensors memory-mapped, so this is cheap), so that a crafted one stops the run here."""
+    from lightning_xd.fault_tolerance.checkpoints import (
+        AUTO_RESUME_FIX,
+        CheckpointStore,
+        check_same_run,
+        read_manifest,
+        refuse_unsafe,
+    )
+    from lightning_xd.safe_loading import UnsafeFileError
 
     if args.resume == "never":
         return
@@ -152,13 +160,21 @@ def _check_checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> None
         if not path.is_file():
             raise UserError(f"--resume {path}: no such checkpoint file")
         check_same_run(path, (read_manifest(path) or {}).get("run"), run_identity(args))
+        refuse_unsafe(path)
         return
     if (run_dir / "COMPLETED").exists():
         return  # a finished run starts afresh
     store = CheckpointStore(run_dir / "checkpoints")
     newest = next(iter(store.manifests(warn=False)), None)
     if newest is not None:
-        check_same_run(store.folder / newest.get("file", "?"), newest.get("run"), run_identity(args), AUTO_RESUME_FIX)
+        path = store.folder / newest.get("file", "?")
+        check_same_run(path, newest.get("run"), run_identity(args), AUTO_RESUME_FIX)
+        try:
+            refuse_unsafe(path)
+        except UnsafeFileError:
+            raise
+        except UserError:  # missing or damaged: the resuming rank skips it for the newest sound one
+            pass
 
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,6 +238,7 @@ def choose_checkpoint(resume: str, run_dir: Path, run: dict[str, str] | None = N
         CheckpointStore,
         check_readable,
         check_same_run,
+        refuse_unsafe,
     )
 
     store, completed = CheckpointStore(run_dir / "checkpoints"), run_dir / "COMPLETED"
@@ -234,6 +251,7 @@ def choose_checkpoint(resume: str, run_dir: Path, run: dict[str, str] | None = N
         found = store.newest_verified()
         if found is not None:
             check_same_run(found[0], found[1].get("run"), run, AUTO_RESUME_FIX)
+            refuse_unsafe(found[0])
             print(f"resuming from {found[0]} (step {found[1]['global_step']}, epoch {found[1]['epoch']})", flush=True)
             return str(found[0])
     archived = store.archive()  # a finished (or deliberately restarted) run's checkpoints are kept aside
