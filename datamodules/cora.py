@@ -18,7 +18,9 @@ so each is scored exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import shutil
 import tempfile
 import warnings
@@ -128,7 +130,8 @@ class CoraDataModule(LightningDataModule):
             check_planetoid_files(staged, self.trust_data_dir)  # the bytes PyG reads are the checked ones
             try:
                 # row-normalised bag-of-words features, as in Kipf & Welling and PyG's examples/gcn.py
-                return Planetoid(root, "Cora", transform=T.NormalizeFeatures())[0]
+                with contextlib.redirect_stderr(io.StringIO()):  # PyG announces each processing
+                    return Planetoid(root, "Cora", transform=T.NormalizeFeatures())[0]
             except Exception as err:  # content that is not what Planetoid expects
                 reason = str(err).splitlines()[0] if str(err) else "unreadable content"
                 raise DataError(

@@ -17,6 +17,8 @@ the bar is the MAE of predicting the training mean.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import tempfile
 from pathlib import Path
@@ -154,7 +156,8 @@ class QM9DataModule(LightningDataModule):
                 shutil.copyfile(path, staged)
                 self._check_pyg_file(staged, path)
             try:
-                molecules = list(QM9(root))
+                with contextlib.redirect_stderr(io.StringIO()):  # PyG announces its processing
+                    molecules = list(QM9(root))
             except Exception as err:  # PyG's own loader found something it cannot read
                 raise DataError(
                     f"PyG QM9 folder {self.pyg_dir} could not be read ({type(err).__name__}); "

@@ -22,7 +22,7 @@ from generators.planetoid import write_planetoid_cora
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-SCRIPTS = ("allreduce", "strategies", "straggler", "pipeline", "checkpoint", "run_all", "job")
+SCRIPTS = ("allreduce", "strategies", "straggler", "pipeline", "checkpoint", "run_all", "job", "safe_loading")
 
 
 def run(args: list, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -172,6 +172,8 @@ def test_every_script_describes_itself(script):
         (["strategies.py", "--strategies", "zigzag"], "unknown strategy zigzag"),
         (["straggler.py", "--nprocs", "2"], "--nprocs must be at least 3"),
         (["job.py", "sorting", "--quick"], "unknown benchmark 'sorting'"),
+        (["safe_loading.py", "--sizes-mb", "0"], "--sizes-mb 0"),
+        (["safe_loading.py", "--data-dir", "/nonexistent"], "missing"),
     ],
 )
 def test_bad_flags_are_one_line_errors(args, message):
@@ -195,3 +197,15 @@ def test_time_split_arithmetic_on_made_up_steps():
     assert wait_for_slowest(per_rank) == pytest.approx(0.001)
     assert samples_per_s(per_rank) == pytest.approx(40 / 0.024)
     assert samples_per_s(per_rank, samples_divisor=2) == pytest.approx(20 / 0.024)
+
+
+def test_safe_loading_quick(tiny_data, tmp_path):
+    """One process, no MPI: restricted against unrestricted checkpoint loads, and Cora read afresh."""
+    proc = run([BENCH / "safe_loading.py", "--quick", "--data-dir", tiny_data, "--results-dir", tmp_path], timeout=120)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    result = json.loads((tmp_path / "safe_loading-quick.json").read_text())
+    assert_well_formed(result)
+    for figures in result["checkpoints"].values():
+        assert {"unrestricted", "restricted", "launcher_check"} <= set(figures["seconds"])
+        assert math.isfinite(figures["restricted_over_unrestricted"]["median"])
+    assert result["cora"]["seconds"]["checked_afresh"]["median"] > 0
