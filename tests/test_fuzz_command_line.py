@@ -29,7 +29,7 @@ import train as train_script
 from lightning_xd.launch.cli import build_parser
 from lightning_xd.launch.registry import DATAMODULES, MODELS, STRATEGIES
 
-EXAMPLES = int(os.environ.get("XD_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("XD_FUZZ_EXAMPLES", "150"))
 
 # Flags left out, each because a fuzzed value would make a run long, not wrong: sleeping or hanging
 # ranks, reaching other hosts, recording video. Their own checks are tested in test_bad_input.py.
