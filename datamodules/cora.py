@@ -68,10 +68,10 @@ PLANETOID_GLOBALS = {
 def check_planetoid_files(folder: Path, trusted: bool) -> None:
     """The release's hashes (unless ``trusted``), then a restricted read of every pickle in ``folder``."""
     check_known_release(folder, RELEASE, "Cora raw files", trusted)
+    fix = "replace it with the Planetoid original"
     for name in RAW_FILES:
         if name.endswith("test.index"):  # text, not a pickle
             continue
-        fix = "replace it with the Planetoid original"
         try:
             load_plain_pickle(folder / name, PLANETOID_GLOBALS, "Planetoid file", fix)
         except UserError:

@@ -366,36 +366,38 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
         return cache_dir(self.data_dir, self.cache) / f"{self.name}_parts" / key
 
     def _partitioning(self, parts: int) -> tuple:
-        """(graph, rowptr, col, membership): the graph cut into ``parts``, computed at most once
-        between ``_forget_partitioning`` calls, and only when a part must be built."""
+        """(graph, rowptr, col, membership): the graph cut into ``parts``, computed only when a part
+        must be built and kept until ``_prepare`` or ``setup`` ends (``self._cut = None``)."""
         if self._cut is None or self._cut[0] != parts:
             graph = self.load_graph()
             rowptr, col = to_csr(graph["edge_index"], graph["x"].shape[0])
             self._cut = (parts, graph, rowptr, col, metis_membership(rowptr, col, parts))
         return self._cut[1:]
 
-    def _load_part(self, parts: int, part: int) -> dict:
+    def _load_part(self, folder: Path, parts: int, part: int) -> dict:
         return load_or_build(
-            self._part_folder(parts) / f"part{part}.pt",
+            folder / f"part{part}.pt",
             lambda: graph_part(*self._partitioning(parts), part),
             f"graph part {part}",
         )
 
-    def _load_summary(self, parts: int) -> dict:
+    def _load_summary(self, folder: Path, parts: int) -> dict:
         return load_or_build(
-            self._part_folder(parts) / "summary.pt",
+            folder / "summary.pt",
             lambda: partition_summary(*self._partitioning(parts), parts),
             "partition summary",
         )
 
-    def _prepare(self, parts: int) -> None:
+    def _prepare(self, parts: int) -> Path:
+        """Build the missing part files; returns their folder."""
         folder = self._part_folder(parts)
         for part in range(parts):
             if not (folder / f"part{part}.pt").is_file():
-                self._load_part(parts, part)
+                self._load_part(folder, parts, part)
         if not (folder / "summary.pt").is_file():
-            self._load_summary(parts)
+            self._load_summary(folder, parts)
         self._cut = None  # the whole graph is not kept once its parts are written
+        return folder
 
     def prepare_data(self) -> None:
         self._prepare(self._world()[1])
@@ -404,8 +406,8 @@ class PartitionedGraphDataModule(LightningDataModule, ABC):
         if self.part is not None:
             return
         rank, parts = self._world()
-        self._prepare(parts)  # a no-op when prepare_data ran; built here when it did not (tests)
-        self.part, self.summary = self._load_part(parts, rank), self._load_summary(parts)
+        folder = self._prepare(parts)  # builds nothing when prepare_data ran; here when it did not (tests)
+        self.part, self.summary = self._load_part(folder, parts, rank), self._load_summary(folder, parts)
         self._cut = None
         s = self.summary
         log.info(

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from lightning_xd.errors import DataError
-from lightning_xd.files import atomic_write, file_digest
+from lightning_xd.files import atomic_write, file_digest, make_folder
 
 
 def download_verified(folder: Path, pins: dict[str, str], base_url: str, what: str, timeout: float = 20) -> None:
@@ -33,7 +33,7 @@ def download_verified(folder: Path, pins: dict[str, str], base_url: str, what: s
     if os.environ.get("XD_DOWNLOAD", "1") == "0":
         raise DataError(f"{hint} (downloads are off: XD_DOWNLOAD=0)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
     except OSError:
         raise DataError(f"{hint} (the folder is not writable, so they cannot be downloaded)") from None
     for name in missing:

@@ -74,6 +74,18 @@ def one_line_error(capsys):
 
 
 @pytest.fixture
+def no_ranks(monkeypatch):
+    """Fails the test if the job's processes would be started (the supervisor builds their command
+    line just before it starts them)."""
+    from lightning_xd.fault_tolerance.supervisor import Supervisor
+
+    def refuse(self, env):
+        raise AssertionError("the job was started: the bad input was not caught in the launching process")
+
+    monkeypatch.setattr(Supervisor, "_command", refuse)
+
+
+@pytest.fixture
 def data_error(one_line_error, tmp_path):
     """The one-line error of ``train.py --model MODEL ARGS`` on the data under ``data_dir``."""
 

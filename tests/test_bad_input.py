@@ -18,18 +18,6 @@ from lightning_xd.fault_tolerance.checkpoints import CheckpointStore
 
 
 @pytest.fixture
-def no_ranks(monkeypatch):
-    """Fails the test if the job's processes would be started (the supervisor builds their command
-    line just before it starts them)."""
-    from lightning_xd.fault_tolerance.supervisor import Supervisor
-
-    def refuse(self, env):
-        raise AssertionError("the job was started: the bad input was not caught in the launching process")
-
-    monkeypatch.setattr(Supervisor, "_command", refuse)
-
-
-@pytest.fixture
 def launch(one_line_error, no_ranks, tiny_data, tmp_path):
     """``train.py ARGS --nprocs 2 --strategy mpi`` (unless ARGS say otherwise) on the generated Cora, in
     process: the one-line error it gives before the job would start."""
