@@ -32,10 +32,13 @@ def save(image: np.ndarray, path: Path, footer: str) -> Path:
     return path
 
 
-def _axes(img, rect, title: str, xlabel: str, unit: str, xrange, yrange, categories: bool = False) -> Axes:
-    """The dashboard's axes, the unit in the title (its y label would overlap the title); bar charts
-    get their category names instead of numeric x ticks."""
-    axes = Axes(img, rect, f"{title} [{unit}]" if unit else title, xlabel, "", xrange, yrange)
+def _axes(
+    img, rect, title: str, xlabel: str, unit: str, xrange, yrange, categories: bool = False, legend: Sequence[str] = ()
+) -> Axes:
+    """The dashboard's axes, the unit in the title (its y label would overlap the title), the ``legend``
+    names in the series' colours; bar charts get their category names instead of numeric x ticks."""
+    entries = [(label, colour(i)) for i, label in enumerate(legend)]
+    axes = Axes(img, rect, f"{title} [{unit}]" if unit else title, xlabel, "", xrange, yrange, legend=entries)
     if categories:
         cv2.rectangle(img, (axes.x0 - 30, axes.y1 + 1), (axes.x1 + 10, axes.y1 + 22), WHITE, -1)
     return axes
@@ -72,7 +75,7 @@ def range_lines(
         _axes(img, rect, title + " (no data)", xlabel, ylabel, (0, 1), (0, 1))
         return
     low, high = min(0.0, min(ys)), max(ys) * 1.08 or 1.0
-    axes = _axes(img, rect, title, xlabel, ylabel, (min(xs), max(xs)), (low, high))
+    axes = _axes(img, rect, title, xlabel, ylabel, (min(xs), max(xs)), (low, high), legend=[*series, *plain])
     lines = [(x, [s["median"] for s in stats], stats) for x, stats in series.values()]
     lines += [(x, list(values), None) for x, values in plain.values()]
     for i, (x, medians, stats) in enumerate(lines):
@@ -83,7 +86,6 @@ def range_lines(
             if math.isfinite(s["median"]):
                 cv2.circle(img, (axes.px(a), axes.py(s["median"])), 3, colour(i), -1)
                 _whisker(img, axes.px(a), axes.py(s["min"]), axes.py(s["max"]), colour(i))
-    axes.legend([*series, *plain])
 
 
 def range_bars(img, rect, labels: Sequence[str], stats: Sequence[dict | None], title: str, ylabel: str) -> None:
@@ -116,6 +118,7 @@ def stacked_bars(
         (-0.5, len(labels) - 0.5),
         (0, max(totals, default=1.0) * 1.15 or 1.0),
         categories=True,
+        legend=list(parts),
     )
     width = max(4, int((axes.x1 - axes.x0) / max(1, len(labels)) * 0.6))
     for i, label in enumerate(labels):
@@ -129,4 +132,3 @@ def stacked_bars(
                 img, (x - width // 2, axes.py(bottom + value)), (x + width // 2, axes.py(bottom)), colour(j), -1
             )
             bottom += value
-    axes.legend(list(parts))

@@ -42,6 +42,11 @@ class StrategyContract:
         """The processes lost and survived in this job, one record per recovery."""
         return []
 
+    def peer_wait_seconds(self) -> float | None:
+        """Seconds this process has spent blocked waiting on the others so far (a cumulative counter,
+        read before and after a step); None where the strategy does not count them."""
+        return None
+
 
 _DEFAULTS = StrategyContract()
 

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_xd.comm.collectives import MPICollectives, attach_metric_sync
-from lightning_xd.comm.communicator import Communicator, wait_all, world
+from lightning_xd.comm.communicator import Communicator, wait_all, waited_seconds, world
 from lightning_xd.comm.environment import MPIEnvironment, device_for
 from lightning_xd.contract import StrategyContract
 from lightning_xd.errors import UserError
@@ -67,6 +67,10 @@ class MPIStrategy(StrategyContract, ResumableTrainingData, MPICollectives, Paral
 
     def after_gradient_sync(self) -> None:
         """Called once a step's gradients are averaged on every process."""
+
+    def peer_wait_seconds(self) -> float:
+        """Seconds blocked in MPI so far (every collective, agreement and message, counted by the comm layer)."""
+        return waited_seconds()
 
     def use_communicator(self, comm: Communicator) -> None:
         """Go on over ``comm`` (the survivors, after a failure): everything that depends on it follows."""

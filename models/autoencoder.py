@@ -55,6 +55,8 @@ class ScoreMetrics(nn.Module):
 
 @MODELS.register("autoencoder", data="ecg", max_epochs=30)
 class DenseAutoencoder(LightningModule):
+    dashboard_units = {"loss": "MSE, z-normalised samples"}  # axis labels of the training dashboard
+
     def __init__(
         self, num_features: int, normal_class: int, hidden_sizes: str = "64,32", code_size: int = 8, lr: float = 0.05
     ):

@@ -41,6 +41,8 @@ class Residual(nn.Module):
 
 @MODELS.register("cnn", data="cifar10", max_epochs=30)
 class CNN(PipelinedModule):
+    dashboard_units = {"loss": "cross-entropy, nats"}  # axis labels of the training dashboard
+
     def __init__(
         self,
         num_classes: int,

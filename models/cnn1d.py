@@ -80,6 +80,8 @@ def conv_bn_relu(c_in: int, c_out: int, kernel: int, groups: int = 1) -> nn.Sequ
 
 @MODELS.register("cnn1d", data="har", max_epochs=50)
 class CNN1D(LightningModule):
+    dashboard_units = {"loss": "cross-entropy x members, nats"}  # axis labels of the training dashboard
+
     def __init__(
         self,
         in_channels: int,

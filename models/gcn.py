@@ -31,6 +31,8 @@ def feature_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 @MODELS.register("gcn", data="cora", max_epochs=200)
 class GCN(LightningModule):
+    dashboard_units = {"loss": "cross-entropy, nats"}  # axis labels of the training dashboard
+
     def __init__(
         self,
         num_features: int,

@@ -153,6 +153,8 @@ class ResourceUsage(Callback):
 
 @MODELS.register("graphsage", data="cora-graph", trains_on=("cora-graph", "ppi", "synthetic-graph"), max_epochs=10)
 class GraphSAGE(LightningModule):
+    dashboard_units = {"loss": "link loss, nats"}  # axis labels of the training dashboard
+
     def __init__(
         self,
         num_features: int,

@@ -180,6 +180,8 @@ def build_readout(readout: str, target: str, channels: int, target_mean: float, 
 
 @MODELS.register("mpnn", data="qm9", max_epochs=30)
 class MPNN(PipelinedModule):
+    dashboard_units = {"loss": "L1, in target std"}  # axis labels of the training dashboard
+
     def __init__(
         self,
         num_features: int,

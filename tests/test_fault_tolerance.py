@@ -3,10 +3,15 @@
 import collections
 import glob
 import json
+import statistics
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
+from conftest import run_mpi
+from dashboard_pixels import marker_columns, plot_area, step_x
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_script
 from lightning_xd.fault_tolerance.checkpoints import (
@@ -35,19 +40,42 @@ def assert_each_sample_once_per_epoch(rows: list[dict], size: int, epochs: int, 
     assert repeats == padded, f"{padded} samples padded by re-shards but {repeats} repeated"
 
 
-def test_killed_rank_is_survived_inside_the_job(mpirun, tmp_path):
-    """3 ranks, one SIGKILLed mid-epoch: the job finishes on 2 without restart, every sample of every
-    epoch trained on exactly once, and the final loss close to an undisturbed run's."""
-    hit, calm = tmp_path / "hit", tmp_path / "calm"
-    mpirun(
+@pytest.fixture(scope="module")
+def killed_and_straggling(tmp_path_factory) -> tuple[Path, Path]:
+    """Two 3-rank jobs with the dashboard, shared by the tests below: rank 1 SIGKILLed at step 3 under
+    ULFM ("hit"), and one undisturbed but for rank 1 sleeping 50 ms after every step ("calm": a
+    straggler changes when steps end, not what they compute)."""
+    root = tmp_path_factory.mktemp("killed-and-straggling")
+    hit, calm = root / "hit", root / "calm"
+    run_mpi(
         3,
         "train_tiny_ft.py",
-        *("--out", str(hit), "--epochs", "3", "--fault", "kill:rank=1,step=3"),
+        *("--out", str(hit), "--epochs", "3", "--fault", "kill:rank=1,step=3", "--set", "dashboard=1"),
+        cwd=root,
         mpirun_args=["--with-ft", "ulfm"],
         env=ULFM,
         timeout=240,
     )
-    mpirun(3, "train_tiny_ft.py", "--out", str(calm), "--epochs", "3", timeout=240)
+    run_mpi(
+        3,
+        "train_tiny_ft.py",
+        "--out",
+        str(calm),
+        "--epochs",
+        "3",
+        "--set",
+        "dashboard=1",
+        "straggler=1:0.05",
+        cwd=root,
+        timeout=240,
+    )
+    return hit, calm
+
+
+def test_killed_rank_is_survived_inside_the_job(killed_and_straggling):
+    """3 ranks, one SIGKILLed mid-epoch: the job finishes on 2 without restart, every sample of every
+    epoch trained on exactly once, and the final loss close to an undisturbed run's."""
+    hit, calm = killed_and_straggling
     result, undisturbed = torch.load(hit / "result.pt"), torch.load(calm / "result.pt")
     assert result["world"] == 2 and (hit / "COMPLETED").exists()
     event = result["summary"]["fault/recovery_events"][0]
@@ -55,6 +83,36 @@ def test_killed_rank_is_survived_inside_the_job(mpirun, tmp_path):
     assert_each_sample_once_per_epoch(trained_samples(hit), size=36, epochs=3)
     # the survivors take more, smaller steps after the loss: the final loss may be lower, not much higher
     assert result["final"]["val/loss_sum"] <= 1.25 * undisturbed["final"]["val/loss_sum"]
+
+
+def test_dashboard_and_tensorboard_mark_the_lost_rank_at_its_step(killed_and_straggling):
+    hit, _ = killed_and_straggling
+    logs = EventAccumulator(str(hit / "tensorboard" / "version_0")).Reload()
+    [lost] = logs.Tensors("events/lost/text_summary")
+    assert lost.step == 3 and lost.tensor_proto.string_val[0].decode().startswith("step 3: lost rank 1: 3->2")
+    sizes = {s.step: s.value for s in logs.Scalars("events/world_size")}
+    assert sizes[3] == 3 and sizes[4] == 2 and sizes[max(sizes)] == 2
+    series = torch.load(hit / "result.pt")["dashboard"]  # the survivors', renumbered 0 and 1
+    steps = [step for rank in series.values() for step in rank["step"]]
+    image = cv2.imread(str(hit / "dashboard.png"))
+    for panel in range(4):  # loss, throughput, where each survivor's steps' time goes
+        expected = step_x(plot_area(image, panel), 3, (min(steps), max(steps)))
+        found = marker_columns(image, panel, "lost")
+        assert found and all(abs(x - expected) <= 2 for x in found), (panel, found, expected)
+
+
+def test_a_straggler_shows_as_its_peers_waiting_for_it(killed_and_straggling):
+    _, calm = killed_and_straggling
+    series = torch.load(calm / "result.pt")["dashboard"]
+
+    def median(rank: int, key: str) -> float:
+        return statistics.median(series[rank][key][1:])  # the first step includes the start-up
+
+    assert median(1, "compute_ms") > 45, "the straggler's sleep is part of its step"
+    for rank in (0, 2):
+        assert median(rank, "peers_ms") > 25 and median(rank, "peers_ms") > 3 * median(1, "peers_ms"), rank
+    rates = [median(rank, "samples_per_s") for rank in range(3)]
+    assert max(rates) < 1.3 * min(rates), f"every rank takes every step together: {rates}"
 
 
 # 3 ranks, 36 samples, batches of 2: 6 steps an epoch. Where the kill lands decides where the survivors

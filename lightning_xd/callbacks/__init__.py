@@ -1,5 +1,6 @@
 """Callbacks shared by every model and strategy."""
 
+from lightning_xd.callbacks.run_events import RunEvents
 from lightning_xd.callbacks.run_summary import RunSummary
 from lightning_xd.callbacks.straggler import StragglerDelay, parse_straggler
 from lightning_xd.fault_tolerance.fault_injection import FaultInjector, parse_fault
@@ -10,6 +11,7 @@ __all__ = [
     "FaultInjector",
     "FaultTolerantCheckpoint",
     "ProgressMarker",
+    "RunEvents",
     "RunSummary",
     "StragglerDelay",
     "parse_fault",

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -102,6 +103,7 @@ def _mpi_op(name: str) -> Any:
 
 
 _wait_watcher: Callable[[str], AbstractContextManager] | None = None
+_waits = threading.local()  # per thread: seconds blocked in MPI so far, and how deep in nested waits
 
 
 def watch_waits(watcher: Callable[[str], AbstractContextManager] | None) -> None:
@@ -110,9 +112,27 @@ def watch_waits(watcher: Callable[[str], AbstractContextManager] | None) -> None
     _wait_watcher = watcher
 
 
-def watched(what: str) -> AbstractContextManager:
-    """The context a blocking MPI call runs in: the installed wait watcher's, or nothing."""
-    return _wait_watcher(what) if _wait_watcher is not None else contextlib.nullcontext()
+@contextlib.contextmanager
+def watched(what: str) -> Iterator[None]:
+    """The context a blocking MPI call runs in: timed into ``waited_seconds()`` and wrapped in the
+    installed wait watcher, if any."""
+    depth = getattr(_waits, "depth", 0)
+    _waits.depth = depth + 1
+    started = time.perf_counter()
+    try:
+        with _wait_watcher(what) if _wait_watcher is not None else contextlib.nullcontext():
+            yield
+    finally:
+        _waits.depth = depth
+        if depth == 0:  # a wait inside another (a gather inside a logging call) is already being timed
+            _waits.seconds = waited_seconds() + time.perf_counter() - started
+
+
+def waited_seconds() -> float:
+    """Seconds this thread has spent blocked in MPI so far: in blocking calls and in waits for
+    non-blocking ones (collectives, agreements, point to point). Inside a training step that is the
+    time spent waiting for the other processes (and moving the data), the rest being computation."""
+    return getattr(_waits, "seconds", 0.0)
 
 
 ReduceOpLike = str | Any  # "sum" | "mean" | torch.distributed.ReduceOp.SUM | ...

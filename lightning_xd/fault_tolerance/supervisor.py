@@ -5,7 +5,8 @@ has finished when its first process wrote ``<run_dir>/COMPLETED``. Otherwise, wh
 remain, the job is started again on the hosts that still answer (at least ``--min-nprocs``
 processes) and resumes from its newest verified checkpoint (``--resume auto``). Restarts,
 downtime (last progress of the failed attempt to first step of the next) and steps redone go
-to the log and to ``metrics.json``.
+to the log and to ``metrics.json``; every attempt's record goes to ``<run_dir>/attempts.json`` as it
+ends, from which the relaunched job draws the restarts on its dashboard.
 
 With a hostfile, every remote host is asked before the first start whether it answers through the
 launch agent Open MPI will start its daemons with (``launch_agent``); one that does not is an
@@ -32,6 +33,7 @@ from lightning_xd.fault_tolerance.progress_marker import read_progress
 from lightning_xd.files import write_json_atomically
 from lightning_xd.launch.launcher import mpirun_command, mpirun_environment
 
+ATTEMPTS_FILE = "attempts.json"  # in the run dir: every attempt so far, rewritten after each one ends
 LOCAL_HOSTS = ("localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0])
 HOST_CHECK_SECONDS = 2.0  # how often a running job's remote hosts are asked whether they still answer
 
@@ -111,6 +113,30 @@ def answering_hosts(hosts: list[tuple[str, int]], agent: str | None) -> list[tup
     return [(host, slots) for host, slots in hosts if answered.get(host, True)]
 
 
+def restarts(attempts: Sequence[dict]) -> list[dict]:
+    """One record per restart, from consecutive attempts' progress (``progress.json`` as each left it):
+    the step the restart resumed from, the step the failed attempt had reached, the completed steps
+    it redoes and the downtime (the failed attempt's last progress to the next one's first step; None
+    while the next one has not said when it started)."""
+    records = []
+    for failed, next_ in zip(attempts, attempts[1:]):
+        if "started_step" in next_ and "global_step" in failed:
+            resumed, reached = next_["started_step"], failed["global_step"]
+            down = next_["training_started_at"] - failed["updated_at"] if "training_started_at" in next_ else None
+            redone = max(0, reached - resumed)
+            records.append(dict(resumed_step=resumed, failed_step=reached, steps_redone=redone, downtime_s=down))
+    return records
+
+
+def read_attempts(run_dir: str | Path) -> list[dict]:
+    """The supervisor's record of the attempts that have ended (``ATTEMPTS_FILE``); [] without one."""
+    try:
+        attempts = json.loads((Path(run_dir) / ATTEMPTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return attempts if isinstance(attempts, list) else []
+
+
 class Supervisor:
     def __init__(
         self,
@@ -179,6 +205,7 @@ class Supervisor:
                     **progress,
                 }
             )
+            write_json_atomically(self.run_dir / ATTEMPTS_FILE, self.attempts)  # the next attempt draws its restarts
             if self._completed_since(started):
                 self._report()
                 return 0
@@ -243,11 +270,9 @@ class Supervisor:
 
     def _report(self) -> None:
         """Restarts, downtime and steps redone, into metrics.json and the log."""
-        downtime, redone = [], []
-        for failed, next_ in zip(self.attempts, self.attempts[1:]):
-            if "training_started_at" in next_ and "updated_at" in failed:
-                downtime.append(next_["training_started_at"] - failed["updated_at"])
-                redone.append(max(0, failed.get("global_step", 0) - next_.get("started_step", 0)))
+        records = restarts(self.attempts)
+        downtime = [r["downtime_s"] for r in records]  # every attempt here has ended: each one's start is known
+        redone = [r["steps_redone"] for r in records]
         summary = {
             "supervisor/restarts": len(self.attempts) - 1,
             "supervisor/downtime_s": downtime,

@@ -423,14 +423,15 @@ class RunCallbacks:
 
     @classmethod
     def for_run(cls, args: argparse.Namespace, run_dir: Path) -> RunCallbacks:
-        from lightning_xd.callbacks import RunSummary, StragglerDelay, parse_straggler
+        from lightning_xd.callbacks import RunEvents, RunSummary, StragglerDelay, parse_straggler
         from lightning_xd.viz import TrainingDashboard
 
         summary = RunSummary()
         straggler = [StragglerDelay(*parse_straggler(args.straggler_delay))] if args.straggler_delay else []
-        dashboard = TrainingDashboard(run_dir, args.dashboard_every, args.dashboard_video)
+        events = RunEvents(run_dir)
+        dashboard = TrainingDashboard(run_dir, args.dashboard_every, args.dashboard_video, events=events)
         fault_tolerance = _fault_tolerance_callbacks(args, run_dir)
-        return cls(summary, fault_tolerance[0], [*straggler, summary, dashboard, *fault_tolerance])
+        return cls(summary, fault_tolerance[0], [*straggler, summary, events, dashboard, *fault_tolerance])
 
 
 def fit_validate_test(trainer: Trainer, model, datamodule, resume_from: str | None, callbacks: RunCallbacks) -> dict:

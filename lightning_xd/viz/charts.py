@@ -1,7 +1,9 @@
-"""Charts drawn with OpenCV on a numpy image: lines, bars and timelines with axes, ticks and legends.
+"""Charts drawn with OpenCV on a numpy image: axes with ticks, labels and a legend, bars and timelines.
 
 No plotting library: the dashboard must render inside a training process, fast, with what
-the project already depends on. Every chart draws into a rectangle (x, y, width, height).
+the project already depends on. Every chart draws into a rectangle (x, y, width, height). The
+legend is a strip between the title and the plot area, laid out in as many rows as its entries
+need, so it never covers data; curves drawn through ``Axes.plot`` are clipped to the plot area.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+Colour = tuple[int, int, int]  # BGR
 WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (30, 30, 30), (120, 120, 120), (225, 225, 225)
 # distinct colours (BGR) for ranks / series, readable on white
 PALETTE = [
@@ -27,10 +30,16 @@ PALETTE = [
     (207, 190, 23),
 ]
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+LEGEND_ROW = 16  # pixels per row of the legend strip
 
 
-def colour(i: int) -> tuple[int, int, int]:
+def colour(i: int) -> Colour:
     return PALETTE[i % len(PALETTE)]
+
+
+def faint(shade: Colour, strength: float = 0.35) -> Colour:
+    """``shade`` mixed with white: ``strength`` 1 is the colour itself, 0 is white."""
+    return tuple(int(round(255 - strength * (255 - c))) for c in shade)
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -54,14 +63,70 @@ def _label(value: float) -> str:
     return f"{value:.3g}"
 
 
+def text_width(s: str, scale: float = 0.45, thickness: int = 1) -> int:
+    return cv2.getTextSize(s.replace("°", "o"), FONT, scale, thickness)[0][0]
+
+
 def text(img: np.ndarray, s: str, org: tuple[int, int], scale: float = 0.45, color=BLACK, thickness: int = 1) -> None:
-    cv2.putText(img, s, (int(org[0]), int(org[1])), FONT, scale, color, thickness, cv2.LINE_AA)
+    """``s`` with its baseline starting at ``org``. OpenCV's fonts are ASCII only: a degree sign (°C)
+    is drawn as a small circle."""
+    x, y = int(org[0]), int(org[1])
+    height = cv2.getTextSize("C", FONT, scale, thickness)[0][1]
+    for i, part in enumerate(s.split("°")):
+        if i:
+            radius = max(2, height // 5)
+            cv2.circle(img, (x + radius + 1, y - height + radius), radius, color, 1, cv2.LINE_AA)
+            x += 2 * radius + 3
+        cv2.putText(img, part, (x, y), FONT, scale, color, thickness, cv2.LINE_AA)
+        x += text_width(part, scale, thickness)
+
+
+def vertical_text(img: np.ndarray, s: str, left: int, top: int, color: Colour, scale: float = 0.38) -> None:
+    """``s`` turned a quarter left (read from bottom to top) in the box whose top left corner is
+    (``left``, ``top``; see ``vertical_text_size``), on a white halo so it reads over curves."""
+    (width, height), baseline = cv2.getTextSize(s, FONT, scale, 1)
+    ink = np.zeros((height + baseline + 4, width + 4), np.uint8)
+    cv2.putText(ink, s, (2, height + 2), FONT, scale, 255, 1, cv2.LINE_AA)
+    halo = cv2.dilate(ink, np.ones((3, 3), np.uint8))
+    ink, halo = np.rot90(ink), np.rot90(halo)
+    rows = slice(max(0, top), min(img.shape[0], top + ink.shape[0]))
+    cols = slice(max(0, left), min(img.shape[1], left + ink.shape[1]))
+    cut = (slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left))
+    region = img[rows, cols].astype(np.float32)
+    veil = (halo[cut] > 0)[..., None] * 0.75
+    region = region * (1 - veil) + np.array(WHITE, np.float32) * veil
+    alpha = (ink[cut].astype(np.float32) / 255)[..., None]
+    img[rows, cols] = (region * (1 - alpha) + np.array(color, np.float32) * alpha).astype(np.uint8)
+
+
+def vertical_text_size(s: str, scale: float = 0.38) -> tuple[int, int]:
+    """(width, height) in pixels of ``vertical_text(s)``."""
+    (width, height), baseline = cv2.getTextSize(s, FONT, scale, 1)
+    return height + baseline + 4, width + 4
+
+
+LegendEntry = tuple[str, Colour]
+
+
+def _legend_rows(entries: Sequence[LegendEntry], left: int, right: int) -> list[list[tuple[int, str, Colour]]]:
+    """Entries laid out left to right, a new row when the next one would pass ``right``."""
+    rows: list[list[tuple[int, str, Colour]]] = []
+    x = right  # forces a first row
+    for label, shade in entries:
+        width = 20 + text_width(label, 0.4) + 14
+        if x + width > right and (not rows or rows[-1]):
+            rows.append([])
+            x = left
+        rows[-1].append((x, label, shade))
+        x += width
+    return rows
 
 
 class Axes:
-    """A plot area inside ``rect`` with a title, axis labels and linear scales."""
+    """A plot area inside ``rect``: the title, the legend strip, the y axis's label above the plot, the
+    x axis's label under it, ticks and linear scales."""
 
-    MARGIN = (62, 44, 16, 42)  # left, top (title, then the y label), right, bottom
+    MARGIN = (62, 16, 42)  # left, right, bottom; the top holds the title, the legend and the y label
 
     def __init__(
         self,
@@ -73,22 +138,39 @@ class Axes:
         xrange: tuple[float, float],
         yrange: tuple[float, float],
         ticks: str = "xy",
+        legend: Sequence[LegendEntry] = (),
     ):
         self.img, self.ticks = img, ticks  # an axis without numeric ticks labels its own categories
         x, y, w, h = rect
-        left, top, right, bottom = self.MARGIN
+        left, right, bottom = self.MARGIN
+        rows = _legend_rows(legend, x + 8, x + w - 8)
+        top = 28 + LEGEND_ROW * len(rows) + 18
         self.x0, self.y0, self.x1, self.y1 = x + left, y + top, x + w - right, y + h - bottom
         self.xr = xrange if xrange[1] > xrange[0] else (xrange[0], xrange[0] + 1)
         self.yr = yrange if yrange[1] > yrange[0] else (yrange[0] - 0.5, yrange[0] + 0.5)
         cv2.rectangle(img, (x, y), (x + w - 1, y + h - 1), LIGHT, 1)
         text(img, title, (x + 8, y + 20), 0.55, BLACK, 1)
+        self._legend(rows, y + 28)
         self._frame(xlabel, ylabel)
+
+    @classmethod
+    def plot_width(cls, rect: tuple[int, int, int, int]) -> int:
+        """The width in pixels of the plot area that axes in ``rect`` have."""
+        return rect[2] - cls.MARGIN[0] - cls.MARGIN[1]
 
     def px(self, xv: float) -> int:
         return int(self.x0 + (xv - self.xr[0]) / (self.xr[1] - self.xr[0]) * (self.x1 - self.x0))
 
     def py(self, yv: float) -> int:
-        return int(self.y1 - (yv - self.yr[0]) / (self.yr[1] - self.yr[0]) * (self.y1 - self.y0))
+        raw = self.y1 - (yv - self.yr[0]) / (self.yr[1] - self.yr[0]) * (self.y1 - self.y0)
+        return int(min(max(raw, self.y0 - 10_000), self.y1 + 10_000))  # far outliers stay drawable (clipped)
+
+    def _legend(self, rows: list[list[tuple[int, str, Colour]]], top: int) -> None:
+        for r, row in enumerate(rows):
+            baseline = top + LEGEND_ROW * r + 12
+            for x, label, shade in row:
+                cv2.line(self.img, (x, baseline - 4), (x + 16, baseline - 4), shade, 3)
+                text(self.img, label, (x + 20, baseline), 0.4)
 
     def _frame(self, xlabel: str, ylabel: str) -> None:
         img = self.img
@@ -101,35 +183,36 @@ class Axes:
                 cv2.line(img, (self.px(tick), self.y1), (self.px(tick), self.y1 + 4), GREY, 1)
                 text(img, _label(tick), (self.px(tick) - 10, self.y1 + 16), 0.38, GREY)
         cv2.rectangle(img, (self.x0, self.y0), (self.x1, self.y1), GREY, 1)
-        text(img, xlabel, ((self.x0 + self.x1) // 2 - 4 * len(xlabel), self.y1 + 34), 0.42, GREY)
+        text(img, xlabel, ((self.x0 + self.x1) // 2 - text_width(xlabel, 0.42) // 2, self.y1 + 34), 0.42, GREY)
         text(img, ylabel, (self.x0 - 58, self.y0 - 8), 0.42, GREY)
 
-    def legend(self, labels: Sequence[str]) -> None:
-        for i, label in enumerate(labels):
-            y = self.y0 + 14 + 16 * i
-            cv2.line(self.img, (self.x1 - 120, y - 4), (self.x1 - 100, y - 4), colour(i), 3)
-            text(self.img, label, (self.x1 - 95, y), 0.4)
+    # ---- drawing inside the plot area, clipped to it ----------------------------------------------
+    def _inside(self) -> np.ndarray:
+        return self.img[self.y0 + 1 : self.y1, self.x0 + 1 : self.x1]
 
+    def _points(self, xs: Sequence[float], ys: Sequence[float]) -> list[tuple[int, int]]:
+        return [(self.px(a) - self.x0 - 1, self.py(b) - self.y0 - 1) for a, b in zip(xs, ys)]
 
-def line_chart(
-    img, rect, series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str
-) -> None:
-    """One line per series (label -> (xs, ys)), each in its own colour, with a legend."""
-    xs = [v for x, _ in series.values() for v in x]
-    ys = [v for _, y in series.values() for v in y if math.isfinite(v)]
-    if not xs or not ys:
-        Axes(img, rect, title + " (no data yet)", xlabel, ylabel, (0, 1), (0, 1))
-        return
-    low, high = min(ys), max(ys)
-    pad = 0.05 * (high - low or abs(high) or 1.0)
-    axes = Axes(img, rect, title, xlabel, ylabel, (min(xs), max(xs)), (low - pad, high + pad))
-    for i, (x, y) in enumerate(series.values()):
-        points = np.array([(axes.px(a), axes.py(b)) for a, b in zip(x, y) if math.isfinite(b)], np.int32)
-        if len(points) == 1:
-            cv2.circle(img, tuple(int(v) for v in points[0]), 3, colour(i), -1)
-        elif len(points):
-            cv2.polylines(img, [points], False, colour(i), 2, cv2.LINE_AA)
-    axes.legend(list(series))
+    def plot(self, xs: Sequence[float], ys: Sequence[float], shade: Colour, thickness: int = 2) -> None:
+        """A line through the points, broken where a value is not finite."""
+        run: list[tuple[float, float]] = []
+        for point in [*zip(xs, ys), (math.nan, math.nan)]:
+            if math.isfinite(point[1]):
+                run.append(point)
+                continue
+            points = np.array(self._points(*zip(*run)), np.int32) if run else None
+            if points is not None and len(points) == 1:
+                cv2.circle(self._inside(), tuple(int(v) for v in points[0]), thickness + 1, shade, -1)
+            elif points is not None:
+                cv2.polylines(self._inside(), [points], False, shade, thickness, cv2.LINE_AA)
+            run = []
+
+    def fill_between(self, xs: Sequence[float], lower: Sequence[float], upper: Sequence[float], shade: Colour) -> None:
+        """The area between two curves over the same x values (finite values only)."""
+        if len(xs) < 2:
+            return
+        outline = self._points(xs, upper) + self._points(xs[::-1], lower[::-1])
+        cv2.fillPoly(self._inside(), [np.array(outline, np.int32)], shade, cv2.LINE_AA)
 
 
 def bar_chart(

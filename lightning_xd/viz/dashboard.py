@@ -1,9 +1,30 @@
 """One dashboard image of a training run, from figures gathered from every rank.
 
-``figures`` = {"title": str, "ranks": {rank: {"step": [...], "loss": [...], "samples_per_s": [...],
-<any other series>: [...]}}, "staleness": {staleness: count}, "timeline": {rank: [(op, mb, start, end)]}}.
-Panels: loss per rank, samples/s per rank, then whatever the run has: other per-rank series
-(a stream's running RMSE next to persistence), the async staleness histogram, the pipeline timeline.
+``figures`` = {
+    "title": str,
+    "ranks": {rank: {"step": [...], "loss": [...], "samples_per_s": [...], "compute_ms": [...],
+              "data_ms": [...], "peers_ms": [...] (where counted), <tracked series>: [...]}},
+    "events": [{"step", "kind", "label", ...}],     the run's events (``callbacks.run_events``)
+    "steps": what the step axis counts: "step", or an async worker's own steps,
+    "units": {series name: unit},                   the module's ``dashboard_units``
+    "peer_waits_uncounted_by": None | strategy name, where waits for peers count as computing
+    "staleness": {staleness: count}, "timeline": {rank: [(op, mb, start, end)]},
+}
+
+Panels: the training loss per rank; the wall-clock throughput per rank; per rank, where its steps'
+time goes (computing, waiting for data, waiting for peers, stacked: ``step_clock``); one panel per
+tracked series, with its baselines (below); then what the strategy adds: the async staleness
+histogram, the pipeline timeline. Every panel over steps shares one step axis and draws the run's
+events as markers (none under an asynchronous strategy: its workers count their own steps, the events
+are in the server's); its noisy curves are faint as recorded with a smoothed line over them
+(``time_charts``).
+
+Baselines: a series ``X_<name>`` recorded next to a series ``X`` is X's baseline ``<name>`` and is
+drawn in X's panel (``train/running_rmse_persistence`` and ``train/running_rmse_ridge`` beside
+``train/running_rmse``); the longest such ``X`` wins.
+
+Units: every axis says its unit: steps, samples/s, ms per step; the loss and tracked series take
+theirs from ``units`` (a baseline shares its series' unit) and read "value" where none is given.
 """
 
 from __future__ import annotations
@@ -12,68 +33,113 @@ import math
 
 import numpy as np
 
-from lightning_xd.viz.charts import WHITE, bar_chart, line_chart, text, timeline_chart
+from lightning_xd.viz.charts import PALETTE, WHITE, bar_chart, text, timeline_chart
+from lightning_xd.viz.time_charts import line_chart, stacked_chart, step_range
 
 PANEL = (640, 340)
-BASE_SERIES = ("step", "loss", "samples_per_s")
-BASELINE = "_persistence"  # a series "x_persistence" is drawn in the panel of "x"
+COLUMNS = 2
+BASE_SERIES = ("step", "loss", "samples_per_s", "compute_ms", "data_ms", "peers_ms")
+TIME_PARTS = (  # series, label, colour: stacked from the bottom
+    ("compute_ms", "computing", PALETTE[0]),
+    ("data_ms", "waiting for data", PALETTE[1]),
+    ("peers_ms", "waiting for peers", PALETTE[4]),
+)
 
 
-def _per_rank(ranks: dict, key: str, smooth: int = 1) -> dict:
+def axis_label(name: str, unit: str | None) -> str:
+    return f"{name} ({unit})" if unit else "value"
+
+
+def baselines(keys: set[str]) -> dict[str, dict[str, str]]:
+    """{series: {baseline name: baseline series}} for every series that is no other's baseline."""
+    owner = {key: max((b for b in keys if key.startswith(b + "_")), key=len, default=None) for key in keys}
     return {
-        f"rank {r}": (data["step"], _trailing_mean(data[key], smooth))
-        for r, data in sorted(ranks.items())
-        if data.get(key)
+        key: {other[len(key) + 1 :]: other for other in sorted(keys) if owner[other] == key}
+        for key in sorted(keys)
+        if owner[key] is None
     }
 
 
-def _with_baseline(ranks: dict, key: str, has_baseline: bool) -> dict:
-    """Each rank's series, and next to it the same rank's baseline (a stream's persistence forecast)."""
-    series = _per_rank(ranks, key)
-    if not has_baseline:
-        return series
-    baseline = _per_rank(ranks, key + BASELINE)
-    return {
-        label: values
-        for name in series
-        for label, values in ((name, series[name]), (f"{name} persistence", baseline.get(name)))
-        if values is not None
-    }
+def _recorded(data: dict, key: str) -> bool:
+    """Whether a rank has values of ``key`` (a pipeline's first stages have no loss: NaN throughout)."""
+    return any(math.isfinite(v) for v in data.get(key, ()))
 
 
-def _trailing_mean(values: list, window: int) -> list:
-    """Mean of the last ``window`` values at each point: per-step throughput is too noisy to read."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+def _per_rank(ranks: dict, key: str) -> dict:
+    return {f"rank {r}": (data["step"], data[key]) for r, data in sorted(ranks.items()) if _recorded(data, key)}
+
+
+def _with_baselines(ranks: dict, key: str, names: dict[str, str]) -> dict:
+    """Each rank's series, and after it the same rank's baselines."""
+    curves = {}
+    for r, data in sorted(ranks.items()):
+        for name, series in {"": key, **names}.items():
+            if _recorded(data, series):
+                curves[f"rank {r} {name}".rstrip()] = (data["step"], data[series])
+    return curves
+
+
+def _time_split(ranks: dict, rank: int, uncounted_by: str | None) -> dict:
+    data = ranks[rank]
+    parts = {}
+    for key, label, shade in TIME_PARTS:
+        if key == "compute_ms" and uncounted_by:
+            label = f"computing, with waits for peers ({uncounted_by} does not count them)"
+        if data.get(key):
+            parts[label] = ([v if math.isfinite(v) else 0.0 for v in data[key]], shade)
+    return parts
 
 
 def _panels(figures: dict) -> list:
-    ranks = figures.get("ranks", {})
+    ranks, events, units = figures.get("ranks", {}), figures.get("events", []), figures.get("units", {})
+    steps = figures.get("steps", "step")
+    xrange = step_range([(data["step"], ()) for data in ranks.values()], events)
+    over_steps = {"events": events, "xrange": xrange}
     panels = [
-        lambda img, rect: line_chart(img, rect, _per_rank(ranks, "loss"), "training loss per rank", "step", "loss"),
         lambda img, rect: line_chart(
             img,
             rect,
-            _per_rank(ranks, "samples_per_s", smooth=10),
-            "throughput per rank (mean of the last 10 steps)",
-            "step",
+            _per_rank(ranks, "loss"),
+            "training loss per rank",
+            steps,
+            axis_label("loss", units.get("loss")),
+            **over_steps,
+        ),
+        lambda img, rect: line_chart(
+            img,
+            rect,
+            _per_rank(ranks, "samples_per_s"),
+            "throughput per rank, wall clock (from the previous step's end)",
+            steps,
             "samples/s",
+            **over_steps,
         ),
     ]
-    extra = sorted({k for data in ranks.values() for k in data if k not in BASE_SERIES})
-    for key in extra:
-        if key.endswith(BASELINE) and key[: -len(BASELINE)] in extra:
-            continue  # drawn with the series it is the baseline of
-        paired = key + BASELINE in extra
-        title = key + (" vs persistence" if paired else "") + " per rank"
+    for rank in sorted(r for r, data in ranks.items() if data.get("compute_ms")):
         panels.append(
-            lambda img, rect, key=key, paired=paired, title=title: line_chart(
-                img, rect, _with_baseline(ranks, key, paired), title, "step", key.rsplit("/", 1)[-1]
+            lambda img, rect, rank=rank: stacked_chart(
+                img,
+                rect,
+                ranks[rank]["step"],
+                _time_split(ranks, rank, figures.get("peer_waits_uncounted_by")),
+                f"rank {rank}: where each step's time goes",
+                steps,
+                "ms per step",
+                **over_steps,
+            )
+        )
+    tracked = {k for data in ranks.values() for k in data if k not in BASE_SERIES}
+    for key, names in baselines(tracked).items():
+        title = key.rsplit("/", 1)[-1] + " per rank" + (f" vs {', '.join(names)}" if names else "")
+        panels.append(
+            lambda img, rect, key=key, names=names, title=title: line_chart(
+                img,
+                rect,
+                _with_baselines(ranks, key, names),
+                title,
+                steps,
+                axis_label(key.rsplit("/", 1)[-1], units.get(key)),
+                **over_steps,
             )
         )
     if figures.get("staleness"):
@@ -87,7 +153,7 @@ def _panels(figures: dict) -> list:
                 [hist.get(s, 0) for s in labels],
                 "staleness of applied gradients",
                 "staleness (updates)",
-                "gradients",
+                "gradients (count)",
             )
         )
     if figures.get("timeline"):
@@ -100,15 +166,18 @@ def _panels(figures: dict) -> list:
     return panels
 
 
+def panel_rect(index: int) -> tuple[int, int, int, int]:
+    """The rectangle (x, y, width, height) of the ``index``-th panel, row by row."""
+    x, y = (index % COLUMNS) * PANEL[0], 40 + (index // COLUMNS) * PANEL[1]
+    return (x + 4, y + 4, PANEL[0] - 8, PANEL[1] - 8)
+
+
 def render(figures: dict) -> np.ndarray:
     """The dashboard as a BGR image (height x width x 3, uint8)."""
     panels = _panels(figures)
-    columns = 2
-    rows = math.ceil(len(panels) / columns)
-    width, height = PANEL[0] * columns, 40 + PANEL[1] * rows
-    img = np.full((height, width, 3), WHITE, np.uint8)
+    rows = math.ceil(len(panels) / COLUMNS)
+    img = np.full((40 + PANEL[1] * rows, PANEL[0] * COLUMNS, 3), WHITE, np.uint8)
     text(img, figures.get("title", "training"), (12, 28), 0.7, (30, 30, 30), 2)
     for i, draw in enumerate(panels):
-        x, y = (i % columns) * PANEL[0], 40 + (i // columns) * PANEL[1]
-        draw(img, (x + 4, y + 4, PANEL[0] - 8, PANEL[1] - 8))
+        draw(img, panel_rect(i))
     return img

@@ -5,7 +5,8 @@ that step applies.
 usage: train_tiny_ft.py --out DIR --epochs N [--fault SPEC] [--set KEY=VALUE ...]
 KEY=VALUE settings: strategy=mpi, every=2 (checkpoint every N steps), batchnorm=1 (a BatchNorm layer: its
 buffers are broadcast before every step), log=1 (an on_step sync_dist log inside training_step),
-accumulate=A (accumulate_grad_batches).
+accumulate=A (accumulate_grad_batches), dashboard=1 (the run's events and dashboard: ``dashboard.png`` and
+TensorBoard logs in OUT, every rank's series in result.pt), straggler=RANK:SECONDS (as --straggler-delay).
 """
 
 import argparse
@@ -15,16 +16,25 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from tiny_models import TinyData, TinyRegressor
 from torch import nn
 
 import lightning_xd.strategies  # noqa: F401  (registers the names)
-from lightning_xd.callbacks import FaultInjector, FaultTolerantCheckpoint, parse_fault
+from lightning_xd.callbacks import (
+    FaultInjector,
+    FaultTolerantCheckpoint,
+    RunEvents,
+    StragglerDelay,
+    parse_fault,
+    parse_straggler,
+)
 from lightning_xd.contract import declared
 from lightning_xd.fault_tolerance.checkpoints import VerifiedCheckpointIO
 from lightning_xd.launch.registry import STRATEGIES
 from lightning_xd.launch.runner import choose_checkpoint
 from lightning_xd.mpi_strategy import MPIStrategy
+from lightning_xd.viz import TrainingDashboard
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--out", type=Path, required=True)
@@ -85,6 +95,13 @@ model = Recording()
 callbacks = [RecordSamples(), FaultTolerantCheckpoint(out / "checkpoints", every_n_steps=int(settings.get("every", 2)))]
 if fault:
     callbacks.append(FaultInjector(parse_fault(fault)))
+if "straggler" in settings:
+    callbacks.append(StragglerDelay(*parse_straggler(settings["straggler"])))
+dashboard = None
+if settings.get("dashboard") == "1":
+    events = RunEvents(out)
+    dashboard = TrainingDashboard(out, every_n_steps=0, events=events)
+    callbacks += [events, dashboard]
 out.mkdir(parents=True, exist_ok=True)
 resume = choose_checkpoint("auto", out) if strategy.global_rank == 0 else None
 resume = strategy.comm.broadcast_object(resume) if isinstance(strategy, MPIStrategy) else resume
@@ -92,7 +109,7 @@ trainer = Trainer(
     strategy=strategy,
     accelerator="cpu",
     max_epochs=epochs,
-    logger=False,
+    logger=TensorBoardLogger(out, name="tensorboard") if dashboard is not None else False,
     enable_progress_bar=False,
     enable_model_summary=False,
     num_sanity_val_steps=0,
@@ -103,6 +120,7 @@ trainer = Trainer(
 )
 trainer.fit(model, TinyData(batch_size=2, n_train=36, with_index=True), ckpt_path=resume)
 final = trainer.validate(model, TinyData(batch_size=2, n_train=36, with_index=True), verbose=False)[0]
+series = dashboard.state_dict()["series"] if dashboard is not None else None  # every rank takes part
 if trainer.is_global_zero:
     torch.save(
         {
@@ -111,6 +129,7 @@ if trainer.is_global_zero:
             "steps": trainer.global_step,
             "world": trainer.world_size,
             "summary": strategy.summary_metrics(),
+            "dashboard": series,
         },
         out / "result.pt",
     )
