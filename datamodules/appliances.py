@@ -159,6 +159,7 @@ class AppliancesDataModule(LightningDataModule):
             "target_std": self.target_std,
             "log_target": self.log_target,
             "prequential": False,
+            "target_unit": "Wh",
         }
 
     def train_dataloader(self) -> DataLoader:

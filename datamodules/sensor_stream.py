@@ -7,13 +7,28 @@ Data (see ../shared/data/SOURCES.md), chosen with ``--source``:
   and ~29 h; no window spans a gap.
 - ``intel``: 50 sensors of the Intel Berkeley lab every 30 minutes, 240 steps, from
   ``intel_lab_preprocessed/intelTemperature{Train,Test}.csv`` (rows = sensors; Train then Test).
-Reference: persistence (next = last) is the bar a streaming forecaster must beat; ours aims at a
-running RMSE below persistence's on the same readings.
+Reference: a streaming forecaster must beat the baselines of ``forecast_baselines``
+(persistence, seasonal naive, a ridge autoregression fitted on the calibration stretch), scored
+on exactly the same windows; example 8's bar is an RMSE 10% below the best of them.
 
-Time is cut into a calibration stretch (the first ``calibration_fraction``: it only fits the
-scaling, as a deployment would before going live), the stream, and a held-out tail (the last
-``test_fraction``) that the final model forecasts without learning from it. Each sample is a
-window of ``window`` readings of one sensor -> the next reading.
+Time is cut into a calibration stretch (the first ``calibration_fraction``: it fits the scaling
+and the ridge baseline, as a deployment would before going live), the stream, and a held-out tail
+(the last ``test_fraction``) that the final model forecasts without learning from it. Each sample
+is a window of ``window`` readings of one sensor -> the reading ``horizon`` steps after its last
+(minutes for occupancy, half-hours for intel). Each reading of a window comes with its time of
+day (sine and cosine), so a model can learn the daily rhythm of heating and occupancy.
+
+Forecast now, learn when the truth arrives (prequential evaluation at any horizon): a training
+batch holds the windows ending at its ``batch_size`` newest readings, to forecast (the model
+scores them before its optimizer step and learns nothing from them yet), and the windows whose
+targets arrived since the previous batch, to learn from (the batch's ``learn`` mask). A window
+is learned ``horizon`` readings after it was forecast, so no forecast is made by a model that
+has seen its target, or any reading after its origin. With ``replay_windows`` R, each batch
+also relearns R windows drawn from those the rank learned before (rehearsal: a deployment keeps
+its recent history), which makes one pass over a stream learn more from it. With
+``calibration_epochs`` K, the first epoch starts with K passes over the calibration stretch's
+windows (each rank its share, learning only, unpaced): the model calibrates on the history the
+ridge baseline is fitted on, before the stream goes live.
 
 Each rank replays its own share, in time order: its own sensors (every num_ranks-th, the same
 count on every rank) or, for a single sensor, its own contiguous stretch of time. A batch holds
@@ -25,12 +40,13 @@ Pacing (``--stream-rate R``, readings per second; 0 replays as fast as training 
 training run as the data arrives. A reading is one time step of the rank's own sensors: the
 values of all of them at that step (one value for a single sensor). Each rank receives its own
 readings at R per second, so a job of N ranks takes in N x R readings a second in all. The
-stream's first reading (the target of its first window; the window before it is history, there
+stream's first reading (the last of its first window; the readings before it are history, there
 from the start) arrives when the rank starts reading, and every later time step t of the
 recording ``(t - first) / R`` seconds after it, gaps between files taking no time; readings of
-later epochs follow on the same clock. A batch is served once the last reading it needs (its
-last target) has arrived; if training falls behind, arrived readings wait and are served at
-once, none dropped. Only the training stream is paced: the held-out tail is scored at once.
+later epochs follow on the same clock. A batch is served once its newest reading (the last of
+its newest forecast window, and the last target it learns from) has arrived; if training falls
+behind, arrived readings wait and are served at once, none dropped. Only the training stream is
+paced: the held-out tail is scored at once.
 """
 
 from __future__ import annotations
@@ -46,19 +62,30 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_xd.data import cache_dir, digest, load_or_build, rank_shard, require_files
+from lightning_xd.datamodules.forecast_baselines import (
+    BASELINES,
+    MINUTES_PER_DAY,
+    fit_ridge,
+    ridge,
+    seasonal_naive,
+    window_offsets,
+)
 from lightning_xd.errors import DataError, UserError
 from lightning_xd.launch.registry import DATAMODULES
 
 OCCUPANCY_FILES = ("datatest.txt", "datatraining.txt", "datatest2.txt")  # in time order
 INTEL_FILES = ("intelTemperatureTrain.csv", "intelTemperatureTest.csv")
 SOURCES = {"occupancy": ("occupancy_detection", OCCUPANCY_FILES), "intel": ("intel_lab_preprocessed", INTEL_FILES)}
+INTEL_MINUTES_PER_STEP = 30
+RECORDING_LAYOUT = 2  # (sensors, segment, minutes): part of the cache key, so older entries are not read
 
 
 class Recording:
-    """Readings of ``sensors`` (S, T) on a common time axis; ``segment`` (T,) numbers the unbroken stretches."""
+    """Readings of ``sensors`` (S, T) on a common time axis; ``segment`` (T,) numbers the unbroken
+    stretches; ``minutes`` (T,) is each time step's clock time in minutes since midnight of the first day."""
 
-    def __init__(self, sensors: np.ndarray, segment: np.ndarray):
-        self.sensors, self.segment = sensors, segment
+    def __init__(self, sensors: np.ndarray, segment: np.ndarray, minutes: np.ndarray):
+        self.sensors, self.segment, self.minutes = sensors, segment, minutes
 
     @property
     def num_times(self) -> int:
@@ -70,7 +97,7 @@ def read_occupancy(paths: list[Path]) -> Recording:
     import pandas as pd
 
     expected = "the UCI Occupancy Detection layout (a quoted header with date and Temperature, one row a minute)"
-    temperatures, segments, previous_end = [], [], None
+    temperatures, segments, times, previous_end = [], [], [], None
     for number, path in enumerate(paths):
         try:
             table = pd.read_csv(path, index_col=0)
@@ -88,11 +115,17 @@ def read_occupancy(paths: list[Path]) -> Recording:
         previous_end = stamps.iloc[-1]
         temperatures.append(values)
         segments.append(np.full(len(values), number))
-    return Recording(np.concatenate(temperatures)[None, :], np.concatenate(segments))
+        times.append(stamps.to_numpy())
+    stamps = np.concatenate(times)
+    midnight = stamps[0].astype("datetime64[D]")
+    minutes = np.round((stamps - midnight) / np.timedelta64(1, "m")).astype(np.int64)  # readings come ~1 min apart
+    return Recording(np.concatenate(temperatures)[None, :], np.concatenate(segments), minutes)
 
 
 def read_intel(paths: list[Path]) -> Recording:
-    """The 50 sensors' temperatures, the training then the test file's steps, one unbroken stretch."""
+    """The 50 sensors' temperatures, the training then the test file's steps, one unbroken stretch.
+
+    The files give no clock: step t is taken to be 30 t minutes after a midnight."""
     expected = "headerless CSV, one row per sensor, one column per half-hour step"
     parts = []
     for path in paths:
@@ -108,29 +141,81 @@ def read_intel(paths: list[Path]) -> Recording:
             f"expected the same sensors in both"
         )
     sensors = np.concatenate(parts, axis=1)
-    return Recording(sensors, np.zeros(sensors.shape[1], dtype=np.int64))
+    num_times = sensors.shape[1]
+    return Recording(sensors, np.zeros(num_times, dtype=np.int64), INTEL_MINUTES_PER_STEP * np.arange(num_times))
 
 
-class SensorStream(IterableDataset):
-    """Windows of ``sensors`` (S, T) ending at ``ends``, in time order; a batch = ``steps`` ends x all sensors.
+class Windows:
+    """Builds samples from the scaled readings: the windows ending at given (sensor, time) pairs.
 
-    ``stretch()`` gives (epoch, epochs): the ends are cut into ``epochs`` equal stretches and an
-    epoch replays its own one. With ``rate`` > 0, time step t arrives ``(t - first) / rate``
-    seconds after the first reading the stream serves (``first``), on a monotonic clock.
+    A sample's inputs are, for each of its ``window`` readings, the reading relative to the
+    window's last one, the change from the reading before, and the time of day (sine, cosine): the
+    model learns how temperature moves whatever its level (levels drift between files and
+    sensors) and at what hour it moves. Its target is the reading ``horizon`` steps after the
+    last; ``last`` (persistence's forecast) and each baseline's forecast come with it.
     """
 
     def __init__(
         self,
-        sensors: torch.Tensor,
+        readings: torch.Tensor,
+        minutes: np.ndarray,
+        window: int,
+        horizon: int,
+        baselines: dict[str, torch.Tensor],
+    ):
+        self.readings, self.window, self.horizon, self.baselines = readings, window, horizon, baselines
+        angle = torch.as_tensor(2 * np.pi * (minutes % MINUTES_PER_DAY) / MINUTES_PER_DAY, dtype=torch.float32)
+        self.time_of_day = torch.stack([angle.sin(), angle.cos()], dim=1)  # (T, 2)
+
+    def samples(self, sensor_ids: list[int], ends: np.ndarray, learn: np.ndarray | None = None) -> dict:
+        """Every sensor's windows ending at each of ``ends``, time-major; ``learn`` marks the ends to train on."""
+        times = torch.as_tensor(ends).repeat_interleave(len(sensor_ids))
+        sensors = torch.as_tensor(sensor_ids).repeat(len(ends))
+        span = times.unsqueeze(1) + torch.as_tensor(window_offsets(self.window))
+        levels = self.readings[sensors.unsqueeze(1), span]
+        last = levels[:, -1]
+        changes = levels.diff(dim=1, prepend=levels[:, :1])
+        inputs = torch.cat([torch.stack([levels - last.unsqueeze(1), changes], dim=2), self.time_of_day[span]], dim=2)
+        learn = np.zeros(len(ends), dtype=bool) if learn is None else learn
+        return {
+            "window": inputs,
+            "target": self.readings[sensors, times + self.horizon].unsqueeze(1),
+            "last": last,
+            "time": times,  # the forecast's origin: its window's last reading
+            "sensor": sensors,
+            "learn": torch.as_tensor(learn).repeat_interleave(len(sensor_ids)),
+            **{f"baseline_{name}": forecast[sensors, times].unsqueeze(1) for name, forecast in self.baselines.items()},
+        }
+
+
+class SensorStream(IterableDataset):
+    """The stream of one rank: its window ends ``ends`` in time order, ``steps`` of them a batch.
+
+    ``stretch()`` gives (epoch, epochs): the ends are cut into ``epochs`` equal stretches and an
+    epoch replays its own one. With ``learning``, a batch also holds the windows whose targets
+    arrived since the previous batch and ``replay`` earlier ones (see the module docstring);
+    without it (the held-out tail) it holds only windows to forecast. The first epoch starts with
+    batches that only learn, from ``warmup`` (window ends of the calibration stretch), unpaced: that
+    history is there before the stream goes live. With ``rate`` > 0, time step t arrives
+    ``(t - first) / rate`` seconds after the first reading the stream serves (``first``), on a
+    monotonic clock.
+    """
+
+    def __init__(
+        self,
+        windows: Windows,
         sensor_ids: list[int],
         ends: np.ndarray,
-        window: int,
         steps: int,
         stretch: Callable[[], tuple[int, int]] = lambda: (0, 1),
         rate: float = 0.0,
+        learning: bool = False,
+        replay: int = 0,
+        warmup: np.ndarray | None = None,
     ):
-        self.sensors, self.sensor_ids, self.ends = sensors, sensor_ids, ends
-        self.window, self.steps, self.stretch, self.rate = window, steps, stretch, rate
+        self.windows, self.sensor_ids, self.ends, self.steps = windows, sensor_ids, ends, steps
+        self.stretch, self.rate, self.learning, self.replay = stretch, rate, learning, replay
+        self.warmup = np.zeros(0, dtype=np.int64) if warmup is None else warmup
         self.clock: tuple[float, int] | None = None  # (monotonic time, time step) of the first reading
 
     def _ends_of_this_epoch(self) -> np.ndarray:
@@ -140,18 +225,46 @@ class SensorStream(IterableDataset):
         length = len(self.ends) // epochs // self.steps * self.steps  # whole batches, the same every epoch
         return self.ends[epoch * length : (epoch + 1) * length]
 
+    def _warmup_of_this_epoch(self) -> np.ndarray:
+        return self.warmup if self.stretch()[0] == 0 else self.warmup[:0]
+
     def __len__(self) -> int:
-        return -(-len(self._ends_of_this_epoch()) // self.steps)
+        return -(-len(self._warmup_of_this_epoch()) // self.steps) + -(-len(self._ends_of_this_epoch()) // self.steps)
 
     def __iter__(self) -> Iterator[dict]:
+        warmup = self._warmup_of_this_epoch()
+        for first in range(0, len(warmup), self.steps):
+            learn = warmup[first : first + self.steps]
+            yield self.windows.samples(self.sensor_ids, learn, np.ones(len(learn), dtype=bool))
         ends = self._ends_of_this_epoch()
         if self.rate > 0 and self.clock is None and len(ends):
-            self.clock = (time.monotonic(), int(ends[0]) + 1)
+            self.clock = (time.monotonic(), int(ends[0]))
         for first in range(0, len(ends), self.steps):
-            batch_ends = ends[first : first + self.steps]
+            forecast = ends[first : first + self.steps]
             if self.rate > 0:
-                self._wait_for_reading(int(batch_ends[-1]) + 1)  # the batch's last target
-            yield self._batch(batch_ends)
+                self._wait_for_reading(int(forecast[-1]))
+            learn = self._to_learn(forecast) if self.learning else forecast[:0]
+            yield self.windows.samples(
+                self.sensor_ids,
+                np.concatenate([learn, forecast]),
+                np.concatenate([np.ones(len(learn), dtype=bool), np.zeros(len(forecast), dtype=bool)]),
+            )
+
+    def _to_learn(self, forecast: np.ndarray) -> np.ndarray:
+        """The window ends whose targets arrived since the previous batch, and ``replay`` learned before.
+
+        The previous batch (the one before ``forecast`` in time, whichever epoch served it) ended at
+        the rank's end before ``forecast[0]``: derived, not remembered, so a resumed run learns the same."""
+        horizon = self.windows.horizon
+        before = np.searchsorted(self.ends, forecast[0])
+        previous = self.ends[before - 1] if before else -1
+        targets = self.ends + horizon
+        arrived = self.ends[(targets > previous) & (targets <= forecast[-1])]
+        learned = self.ends[targets <= previous]
+        if self.replay == 0 or len(learned) == 0:
+            return arrived
+        rng = np.random.default_rng(int(forecast[0]))  # the same draw on a re-run
+        return np.concatenate([np.sort(rng.choice(learned, min(self.replay, len(learned)), replace=False)), arrived])
 
     def _wait_for_reading(self, time_step: int) -> None:
         """Sleep until reading ``time_step`` has arrived. Its arrival is reckoned from the first
@@ -160,25 +273,6 @@ class SensorStream(IterableDataset):
         arrival = started + (time_step - first) / self.rate
         while (delay := arrival - time.monotonic()) > 0:
             time.sleep(delay)
-
-    def _batch(self, ends: np.ndarray) -> dict:
-        """Windows of every sensor ending at each of ``ends``, time-major, and the readings that follow them.
-
-        Inputs are relative to the window's last reading (and step-to-step changes), so the model
-        learns how temperature moves whatever its level: levels drift between files and sensors.
-        """
-        times = torch.as_tensor(ends).repeat_interleave(len(self.sensor_ids))
-        sensors = torch.as_tensor(self.sensor_ids).repeat(len(ends))
-        levels = self.sensors[sensors.unsqueeze(1), times.unsqueeze(1) + torch.arange(-self.window + 1, 1)]
-        last = levels[:, -1]
-        changes = levels.diff(dim=1, prepend=levels[:, :1])
-        return {
-            "window": torch.stack([levels - last.unsqueeze(1), changes], dim=2),
-            "target": self.sensors[sensors, times + 1].unsqueeze(1),
-            "last": last,
-            "time": times + 1,
-            "sensor": sensors,
-        }
 
 
 @DATAMODULES.register("sensor-stream")
@@ -193,6 +287,9 @@ class SensorStreamDataModule(LightningDataModule):
         calibration_fraction: float = 0.1,
         test_fraction: float = 0.2,
         stream_rate: float = 0.0,
+        horizon: int = 1,
+        replay_windows: int = 0,
+        calibration_epochs: int = 0,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -202,24 +299,27 @@ class SensorStreamDataModule(LightningDataModule):
         self.data_dir, self.cache, self.batch_size = Path(data_dir), cache_dir, batch_size
         self.source, self.window = source, window
         self.calibration_fraction, self.test_fraction = calibration_fraction, test_fraction
-        self.stream_rate = stream_rate
+        self.stream_rate, self.horizon, self.replay_windows = stream_rate, horizon, replay_windows
+        self.calibration_epochs = calibration_epochs
         self.recording: Recording | None = None
         self.scaled: torch.Tensor | None = None
+        self.windows: Windows | None = None
         self.mean = self.std = None
 
     def _recording(self) -> Recording:
         folder, names = SOURCES[self.source]
         paths = require_files(self.data_dir / folder, names, f"{self.source} temperature stream")
         read = read_occupancy if self.source == "occupancy" else read_intel
-        cached = cache_dir(self.data_dir, self.cache) / "sensor_stream" / f"{digest(paths, source=self.source)}.pt"
+        key = digest(paths, source=self.source, layout=RECORDING_LAYOUT)
+        cached = cache_dir(self.data_dir, self.cache) / "sensor_stream" / f"{key}.pt"
         arrays = load_or_build(cached, lambda: vars(read(paths)), f"{self.source} readings")  # cached as plain arrays
         return Recording(**arrays)
 
     def prepare_data(self) -> None:
-        self._stretches(self._recording())
+        self.setup()  # reads (and caches) the recording, checks its stretches and fits the ridge baseline
 
     def _stretches(self, recording: Recording) -> dict[str, range]:
-        """Time ranges of calibration, stream and test; each must hold more than one window."""
+        """Time ranges of calibration, stream and test; stream and test must hold more than one window."""
         num_times = recording.num_times
         calibration = int(num_times * self.calibration_fraction)
         test = num_times - int(num_times * self.test_fraction)
@@ -228,10 +328,11 @@ class SensorStreamDataModule(LightningDataModule):
             "stream": range(calibration, test),
             "test": range(test, num_times),
         }
-        if min(len(stretches["stream"]), len(stretches["test"])) <= self.window:
+        if min(len(stretches["stream"]), len(stretches["test"])) <= self.window + self.horizon:
             raise DataError(
                 f"{self.source} readings: {num_times} time steps leave the stream or the test tail "
-                f"no longer than --window {self.window}; expected a longer recording"
+                f"no longer than --window {self.window} + --horizon {self.horizon}; lower either or give a "
+                "longer recording"
             )
         return stretches
 
@@ -242,17 +343,32 @@ class SensorStreamDataModule(LightningDataModule):
         calibration = self._stretches(self.recording)["calibration"]
         fitted_on = self.recording.sensors[:, calibration.start : calibration.stop]
         self.mean, self.std = float(fitted_on.mean()), float(fitted_on.std()) or 1.0
-        self.scaled = torch.tensor((self.recording.sensors - self.mean) / self.std, dtype=torch.float32)
+        scaled = (self.recording.sensors - self.mean) / self.std
+        self.scaled = torch.tensor(scaled, dtype=torch.float32)
+        self.windows = Windows(self.scaled, self.recording.minutes, self.window, self.horizon, self._baselines(scaled))
+
+    def _baselines(self, scaled: np.ndarray) -> dict[str, torch.Tensor]:
+        """Each baseline's forecast at every origin, from the readings up to it (ridge: fitted on the calibration)."""
+        calibration = self._ends(self._stretches(self.recording)["calibration"])
+        weights = fit_ridge(scaled, calibration, self.window, self.horizon)
+        forecasts = {
+            "seasonal_naive": seasonal_naive(scaled, self.recording.minutes, self.horizon),
+            "ridge": ridge(scaled, weights, self.window, self.horizon),
+        }
+        assert tuple(forecasts) == BASELINES
+        return {name: torch.tensor(forecast, dtype=torch.float32) for name, forecast in forecasts.items()}
 
     def model_kwargs(self) -> dict:
         self.setup()
         return {
-            "num_features": 2,
-            "horizon": 1,
+            "num_features": 4,  # relative level, change, time of day (sine, cosine)
+            "horizon": 1,  # one value: the reading --horizon steps ahead
+            "baselines": BASELINES,
             "target_mean": self.mean,
             "target_std": self.std,
             "log_target": False,
             "prequential": True,
+            "target_unit": "°C",
         }
 
     def shard(self, times: range, rank: int, num_shards: int) -> tuple[list[int], np.ndarray]:
@@ -269,18 +385,22 @@ class SensorStreamDataModule(LightningDataModule):
         return list(range(num_sensors)), self._ends(times[rank * length : (rank + 1) * length])
 
     def _ends(self, times: range) -> np.ndarray:
-        """Last readings of the windows inside ``times`` whose window and next reading are unbroken."""
-        ends = np.arange(times.start + self.window - 1, times.stop - 1)
+        """Last readings of the windows inside ``times`` whose window and target (``horizon`` later) are unbroken."""
+        ends = np.arange(times.start + self.window - 1, times.stop - self.horizon)
         segment = self.recording.segment
-        return ends[segment[ends - self.window + 1] == segment[ends + 1]]
+        return ends[segment[ends - self.window + 1] == segment[ends + self.horizon]]
 
-    def _stream(
-        self, name: str, stretch: Callable[[], tuple[int, int]] = lambda: (0, 1), rate: float = 0.0
-    ) -> SensorStream:
+    def _stream(self, name: str, **how) -> SensorStream:
         rank, num_shards = rank_shard(self.trainer)
         sensor_ids, ends = self.shard(self._stretches(self.recording)[name], rank, num_shards)
         steps = max(1, self.batch_size // len(sensor_ids))  # whole time steps: all sensors forecast together
-        return SensorStream(self.scaled, sensor_ids, ends, self.window, steps, stretch, rate)
+        return SensorStream(self.windows, sensor_ids, ends, steps, **how)
+
+    def _warmup(self) -> np.ndarray:
+        """This rank's share of the calibration stretch's windows, ``calibration_epochs`` times in time order."""
+        rank, num_shards = rank_shard(self.trainer)
+        _, ends = self.shard(self._stretches(self.recording)["calibration"], rank, num_shards)
+        return np.tile(ends, self.calibration_epochs)
 
     def _epoch_stretch(self) -> tuple[int, int]:
         """(this epoch, number of epochs): the stream is cut into one stretch per epoch, never replayed."""
@@ -290,8 +410,15 @@ class SensorStreamDataModule(LightningDataModule):
         return min(self.trainer.current_epoch, epochs - 1), epochs
 
     def train_dataloader(self) -> DataLoader:
-        stream = self._stream("stream", self._epoch_stretch, self.stream_rate)
-        if len(stream) == 0:
+        stream = self._stream(
+            "stream",
+            stretch=self._epoch_stretch,
+            rate=self.stream_rate,
+            learning=True,
+            replay=self.replay_windows,
+            warmup=self._warmup(),
+        )
+        if len(stream._ends_of_this_epoch()) == 0:
             raise UserError(
                 f"the {self.source} stream gives each rank {len(stream.ends)} windows: too few for "
                 f"--max-epochs {self._epoch_stretch()[1]} of --batch-size {self.batch_size}; "

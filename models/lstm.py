@@ -4,7 +4,9 @@ The head forecasts the change from the last observed value, initialised to zero,
 model is exactly the persistence baseline (next = last) and training only has to beat it.
 Every metric is in the data's own units (Wh, degrees C): the datamodule gives the scaling it
 applied to the target (``target_mean``, ``target_std``, ``log_target``) and the model undoes it.
-The same errors of the persistence baseline, on the same windows, are reported beside the model's.
+The same errors of the persistence baseline, on the same windows, are reported beside the model's,
+and those of any other baseline whose forecasts the batches carry (``baseline_<name>``, named by the
+datamodule's ``baselines``: sensor-stream's seasonal naive and ridge autoregression).
 
 Pipelined (``lightning_xd.models.pipelined``): one block per LSTM layer (the first also projects the readings,
 the last also holds the head), so blocks are balanced in parameters and in work; the steps run the
@@ -12,7 +14,10 @@ blocks in order, the code path a pipeline strategy runs too.
 
 Training errors are also kept "running": every training window is scored before the optimizer
 step that learns from it. On a stream replayed once (``prequential=True``, sensor-stream) that
-is prequential evaluation, reported as ``test/running_rmse`` beside ``test/running_rmse_persistence``.
+is prequential evaluation, reported as ``test/running_rmse`` beside ``test/running_rmse_persistence``
+(and ``_<baseline>``). A batch with a ``learn`` mask trains only on the windows it marks and
+scores only the others: a stream forecasting ``horizon`` readings ahead learns a window only once
+its target has arrived, long after it was forecast.
 
 Reference: Candanedo et al. 2017 report a GBM test RMSE of ~66 Wh on Appliances (a different
 horizon); our worked example's bar is an RMSE at least 10% below persistence on the test weeks.
@@ -21,7 +26,6 @@ horizon); our worked example's bar is an RMSE at least 10% below persistence on 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
@@ -82,6 +86,8 @@ class LSTMForecaster(PipelinedModule):
         target_std: float,
         log_target: bool,
         prequential: bool,
+        baselines: tuple[str, ...] = (),
+        target_unit: str = "",
         hidden_size: int = 64,
         num_layers: int = 4,
         dropout: float = 0.1,
@@ -96,12 +102,19 @@ class LSTMForecaster(PipelinedModule):
         parts[-1].append(ChangeFromLast(hidden_size, horizon))
         self.blocks = nn.ModuleList(Block(*p) for p in parts)
         self.metrics = nn.ModuleDict({split: error_metrics(f"{split}/") for split in ("val", "test")})
-        self.persistence_metrics = nn.ModuleDict(
-            {split: error_metrics(f"{split}/", "_persistence") for split in ("val", "test")}
+        self.baseline_names = ("persistence", *baselines)
+        self.baseline_metrics = nn.ModuleDict(
+            {
+                f"{split}_{name}": error_metrics(f"{split}/", f"_{name}")
+                for split in ("val", "test")
+                for name in self.baseline_names
+            }
         )
         # never reset by Lightning: they run over the whole fit
         self.running_rmse = MeanSquaredError(squared=False)
-        self.running_rmse_persistence = MeanSquaredError(squared=False)
+        self.running_rmse_baselines = nn.ModuleDict(
+            {name: MeanSquaredError(squared=False) for name in self.baseline_names}
+        )
 
     # --- pipeline contract -------------------------------------------------------------------
     def pipeline_blocks(self) -> list[nn.Module]:
@@ -111,48 +124,75 @@ class LSTMForecaster(PipelinedModule):
         return batch["window"]
 
     def pipeline_loss(self, output: torch.Tensor, batch: dict, split: str) -> torch.Tensor:
-        loss = F.mse_loss(output, batch["target"])
-        size = len(output)
-        prediction, target = self.in_units(output), self.in_units(batch["target"])
-        persistence = self.in_units(batch["last"]).unsqueeze(1).expand_as(target)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        everything = torch.ones(len(output), dtype=torch.bool, device=output.device)
+        learn = batch.get("learn") if split == "train" else None
+        learned, scored = (everything, everything) if learn is None else (learn, ~learn)
+        squared = (output - batch["target"]) ** 2
+        # the mean over the windows learned from; a batch (or micro-batch) with none trains on nothing
+        loss = (squared * learned.unsqueeze(1)).sum() / learned.sum().clamp(min=1) / squared.shape[1]
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(output))
+        if not scored.any():
+            return loss
+        target = self.in_units(batch["target"][scored])
+        forecasts = {name: self.in_units(self._baseline(batch, name)[scored]) for name in self.baseline_names}
+        prediction, size = self.in_units(output[scored].detach()), int(scored.sum())
         if split == "train":
-            self._log_running(prediction.detach(), persistence, target, size)
-        else:
-            self.metrics[split](prediction, target)
-            self.persistence_metrics[split](persistence, target)
-            self.log_dict(self.metrics[split], batch_size=size, prog_bar=split == "val")
-            self.log_dict(self.persistence_metrics[split], batch_size=size)
+            self._log_running(prediction, forecasts, target, size)
+            return loss
+        self.metrics[split](prediction, target)
+        self.log_dict(self.metrics[split], batch_size=size, prog_bar=split == "val")
+        for name, forecast in forecasts.items():
+            metrics = self.baseline_metrics[f"{split}_{name}"]
+            metrics(forecast, target)
+            self.log_dict(metrics, batch_size=size)
         return loss
 
+    @staticmethod
+    def _baseline(batch: dict, name: str) -> torch.Tensor:
+        """A baseline's forecasts (scaled, one column per value ahead): persistence repeats the last reading."""
+        if name == "persistence":
+            return batch["last"].unsqueeze(1).expand_as(batch["target"])
+        return batch[f"baseline_{name}"]
+
     # --- units and running errors ----------------------------------------------------------
+    @property
+    def dashboard_units(self) -> dict[str, str]:
+        """Axis labels of the training dashboard: the loss is on the scaled target, the errors in its units."""
+        return {"loss": "MSE, scaled target", "train/running_rmse": self.hparams.target_unit or "target units"}
+
     def in_units(self, scaled: torch.Tensor) -> torch.Tensor:
         """Undo the datamodule's scaling of the target (and its log1p, if it took one)."""
         value = scaled * self.hparams.target_std + self.hparams.target_mean
         return torch.expm1(value) if self.hparams.log_target else value
 
-    def on_fit_start(self) -> None:
-        self.running_rmse.reset()
-        self.running_rmse_persistence.reset()
+    @property
+    def running_rmse_persistence(self) -> MeanSquaredError:
+        return self.running_rmse_baselines["persistence"]
 
-    def _log_running(self, prediction, persistence, target, size: int) -> None:
+    def _running(self) -> dict[str, MeanSquaredError]:
+        """The running errors by the name they are logged under (``running_rmse``, ``running_rmse_<baseline>``)."""
+        named = {f"running_rmse_{name}": metric for name, metric in self.running_rmse_baselines.items()}
+        return {"running_rmse": self.running_rmse, **named}
+
+    def on_fit_start(self) -> None:
+        for metric in self._running().values():
+            metric.reset()
+
+    def _log_running(self, prediction, forecasts: dict, target, size: int) -> None:
         # the forward pass of a training step runs before its optimizer step: a forecast, not a fit
         self.running_rmse.update(prediction, target)
-        self.running_rmse_persistence.update(persistence, target)
+        for name, forecast in forecasts.items():
+            self.running_rmse_baselines[name].update(forecast, target)
         # this rank's own running errors, from the metrics' state: compute() would gather every rank's
         # (a collective per step, and the same curve for every rank); test/running_* gather them
-        for name, metric in (
-            ("train/running_rmse", self.running_rmse),
-            ("train/running_rmse_persistence", self.running_rmse_persistence),
-        ):
-            self.log(
-                name, (metric.sum_squared_error / metric.total).sqrt(), on_step=True, on_epoch=False, batch_size=size
-            )
+        for name, metric in self._running().items():
+            own = (metric.sum_squared_error / metric.total).sqrt()
+            self.log(f"train/{name}", own, on_step=True, on_epoch=False, batch_size=size)
 
     def on_test_epoch_end(self) -> None:
         if self.hparams.prequential and self.running_rmse.update_count > 0:
-            self.log("test/running_rmse", self.running_rmse.compute())
-            self.log("test/running_rmse_persistence", self.running_rmse_persistence.compute())
+            for name, metric in self._running().items():
+                self.log(f"test/{name}", metric.compute())
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

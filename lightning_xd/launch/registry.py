@@ -195,6 +195,8 @@ DOMAINS: dict[str, Domain] = {
     "cutoff": ABOVE_ZERO,
     "window": AT_LEAST_ONE,
     "horizon": AT_LEAST_ONE,
+    "replay_windows": NOT_NEGATIVE,
+    "calibration_epochs": NOT_NEGATIVE,
 }
 
 
