@@ -190,6 +190,21 @@ def test_negative_stream_rate_is_one_line(one_line_error):
     assert "--stream-rate" in err
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--horizon", "130"], "the calibration stretch holds no window"),  # 150 calibration minutes < 24 + 130
+        (["--horizon", "400"], "--horizon 400"),  # longer than the test tail
+        (["--calibration-fraction", "1.5"], "--calibration-fraction 1.5 is out of range"),
+    ],
+)
+def test_a_horizon_or_stretch_the_recording_cannot_hold_is_one_line(one_line_error, stream_data, flags, expected):
+    err = one_line_error(
+        "--model", "lstm", "--data", "sensor-stream", "--data-dir", str(stream_data), "--fast-dev-run", *flags
+    )
+    assert expected in err
+
+
 def test_running_errors_score_each_window_before_training_on_it(stream_data, tmp_path):
     datamodule = _datamodule(stream_data, tmp_path, source="intel", window=6)
     model = LSTMForecaster(**datamodule.model_kwargs())
