@@ -197,6 +197,7 @@ DOMAINS: dict[str, Domain] = {
     "horizon": AT_LEAST_ONE,
     "replay_windows": NOT_NEGATIVE,
     "calibration_epochs": NOT_NEGATIVE,
+    "ema_decay": PROBABILITY,  # 0: serve the live weights
     "calibration_fraction": PROBABILITY,  # shares of a recording: calibration, validation, held-out test
     "val_fraction": PROBABILITY,
     "test_fraction": PROBABILITY,
