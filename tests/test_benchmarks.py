@@ -22,7 +22,17 @@ from generators.planetoid import write_planetoid_cora
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-SCRIPTS = ("allreduce", "strategies", "straggler", "pipeline", "checkpoint", "run_all", "job", "safe_loading")
+SCRIPTS = (
+    "allreduce",
+    "strategies",
+    "straggler",
+    "pipeline",
+    "checkpoint",
+    "run_all",
+    "job",
+    "safe_loading",
+    "graph_profile",
+)
 
 
 def run(args: list, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -209,3 +219,21 @@ def test_safe_loading_quick(tiny_data, tmp_path):
         assert {"unrestricted", "restricted", "launcher_check"} <= set(figures["seconds"])
         assert math.isfinite(figures["restricted_over_unrestricted"]["median"])
     assert result["cora"]["seconds"]["checked_afresh"]["median"] > 0
+
+
+def test_graph_profile_quick(tmp_path):
+    """One process, no MPI: every phase of rank 0's GraphSAGE step on a small generated graph in 2 parts."""
+    args = ["--quick", "--data-dir", tmp_path / "data", "--cache-dir", tmp_path / "cache", "--results-dir", tmp_path]
+    proc = run([BENCH / "graph_profile.py", *args], timeout=120)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    result = json.loads((tmp_path / "graph_profile-20000-2ranks-quick.json").read_text())
+    assert_well_formed(result, "step_ms", "seeds_per_s")
+    phases = result["phases_ms"]
+    assert set(phases) == {"positives", "negatives", "subgraph", "assembly", "forward", "backward"} | {
+        "optimizer_dense",
+        "optimizer_table",
+    }
+    assert phases["forward"]["median"] > 0 and phases["subgraph"]["median"] > 0
+    assert result["graph"]["parts"] == 2 and 0 < result["graph"]["owned_rank0"] < 20_000
+    bad = run([BENCH / "graph_profile.py", "--num-nodes", "10", "--results-dir", tmp_path], timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --num-nodes"), bad.stderr
