@@ -345,12 +345,13 @@ class SensorStreamDataModule(LightningDataModule):
         self.mean, self.std = float(fitted_on.mean()), float(fitted_on.std()) or 1.0
         scaled = (self.recording.sensors - self.mean) / self.std
         self.scaled = torch.tensor(scaled, dtype=torch.float32)
-        self.windows = Windows(self.scaled, self.recording.minutes, self.window, self.horizon, self._baselines(scaled))
+        baselines = self._baselines(scaled, calibration)
+        self.windows = Windows(self.scaled, self.recording.minutes, self.window, self.horizon, baselines)
 
-    def _baselines(self, scaled: np.ndarray) -> dict[str, torch.Tensor]:
-        """Each baseline's forecast at every origin, from the readings up to it (ridge: fitted on the calibration)."""
-        calibration = self._ends(self._stretches(self.recording)["calibration"])
-        weights = fit_ridge(scaled, calibration, self.window, self.horizon)
+    def _baselines(self, scaled: np.ndarray, calibration: range) -> dict[str, torch.Tensor]:
+        """Each baseline's forecast at every origin, from the readings up to it (ridge: fitted on the
+        windows of the ``calibration`` stretch)."""
+        weights = fit_ridge(scaled, self._ends(calibration), self.window, self.horizon)
         forecasts = {
             "seasonal_naive": seasonal_naive(scaled, self.recording.minutes, self.horizon),
             "ridge": ridge(scaled, weights, self.window, self.horizon),
